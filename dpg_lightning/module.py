@@ -1,0 +1,275 @@
+"""The LightningModule: one DPG step = rollout, differentiable inner SFT, rewards, policy update.
+
+The module only orchestrates; the math lives in plain functions (``inner``, ``advantages``,
+``policy``, ``rollout``). It holds three models: the trainable ``generator``; the ``target`` at
+its *initial* weights (frozen, never trained in place: every step's SFT starts from it); and,
+when ``policy.beta > 0``, a frozen ``reference`` copy of the initial generator.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from contextlib import contextmanager
+from typing import Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from dpg_lightning.advantages import compute_advantages
+from dpg_lightning.inner import (
+    InnerConfig,
+    dataset_reward,
+    inner_order,
+    metagradient_rewards,
+    run_sft,
+    tokenize_examples,
+    trainable_names,
+)
+from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
+from dpg_lightning.objectives import LMHeadL2Norm, Objective, check_objective
+from dpg_lightning.policy import PolicyConfig, policy_loss
+from dpg_lightning.rollout import SamplingConfig, completion_logprobs, sample_rollout
+
+
+class DPGModule(L.LightningModule):
+    """Dataset Policy Gradient: train ``generator`` so SFT on its samples raises ``metric``.
+
+    Args:
+        generator: the policy LM (trainable).
+        target: the LM fine-tuned in the inner loop (built once, kept at initial weights).
+        metric: ``Phi(target) -> scalar``, higher is better (default: ``LMHeadL2Norm``).
+        inner: inner SFT settings (optimizer, batch size, trained parameters, backend).
+        sampling: rollout settings (``samples_per_prompt``, temperature, top-p, length).
+        policy: advantage and generator-update settings.
+        reward: ``dpg`` (per-example metagradient) or ``dataset`` (every example gets
+            ``Phi(SFT(D))``: the naive dataset-level RL baseline).
+        seed: base seed of the inner shuffles and of validation sampling.
+    """
+
+    def __init__(
+        self,
+        generator: ModelConfig | None = None,
+        target: ModelConfig | None = None,
+        metric: Objective | None = None,
+        inner: InnerConfig | None = None,
+        sampling: SamplingConfig | None = None,
+        policy: PolicyConfig | None = None,
+        reward: Literal["dpg", "dataset"] = "dpg",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["metric"])
+        self.automatic_optimization = False
+        self.gen_cfg = generator or ModelConfig()
+        self.target_cfg = target or ModelConfig(seed=1)
+        self.metric = metric or LMHeadL2Norm()
+        self.inner = inner or InnerConfig()
+        self.sampling = sampling or SamplingConfig()
+        self.policy = policy or PolicyConfig()
+        self.reward, self.seed = reward, seed
+        _check_settings(self.sampling, self.policy, reward)
+
+        self.gen_tokenizer = load_tokenizer(self.gen_cfg)
+        self.generator = build_model(self.gen_cfg, len(self.gen_tokenizer))
+        self.target_tokenizer = load_tokenizer(self.target_cfg)
+        self.target = build_model(self.target_cfg, len(self.target_tokenizer)).requires_grad_(False)
+        self.reference = None
+        # (mean, variance, count) of Phi over earlier steps, for `reward: dataset`; a buffer so
+        # that it is checkpointed with the run.
+        self.register_buffer("dataset_baseline", torch.zeros(3, dtype=torch.float64))
+        self.ema_decay = 0.9
+        if self.policy.beta:
+            self.reference = copy.deepcopy(self.generator).requires_grad_(False)
+        self.metric.setup(self.target)
+        self.phi_initial = check_objective(
+            self.metric, self.target, trainable_names(self.target, self.inner.train_params)
+        )
+
+    # ---------------------------------------------------------------- set-up
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        p = self.policy
+        return torch.optim.AdamW(
+            self.generator.parameters(), lr=p.lr, weight_decay=p.weight_decay, betas=p.betas
+        )
+
+    def setup(self, stage: str) -> None:
+        """Check the synthetic-set size against ``inner.batch_size`` before any long work."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if dm is not None and hasattr(dm, "num_prompts"):
+            n = dm.num_prompts * self.sampling.samples_per_prompt
+            inner_order(n, self.inner.batch_size, False, 0)
+
+    # ---------------------------------------------------------------- training
+
+    def training_step(self, batch: list[str], batch_idx: int) -> dict:
+        times: dict[str, float] = {}
+        with _timed(times, "rollout"):
+            rollout = sample_rollout(self.generator, self.gen_tokenizer, batch, self.sampling)
+        data = tokenize_examples(rollout.texts, self.target_tokenizer, self.inner.max_length)
+        data = data.to(self.device)
+        order = inner_order(
+            len(data), self.inner.batch_size, self.inner.shuffle, self.seed * 1_000_003 + self.global_step
+        )
+        if self.reward == "dpg":
+            rewards, phi, losses = metagradient_rewards(
+                self.target, data, self.metric, self.inner, order, times=times
+            )
+        else:
+            with _timed(times, "inner_sft"):
+                rewards, phi, losses = dataset_reward(self.target, data, self.metric, self.inner, order)
+        out = {"texts": rollout.texts, "prompts": rollout.prompts, "rewards": rewards.cpu()}
+        self.log_dict(
+            {"train/phi_after_sft": phi.float(), "train/inner_loss_first": losses[0].float(),
+             "train/inner_loss_last": losses[-1].float()},
+            batch_size=len(batch),
+        )
+        if not torch.isfinite(rewards).all():
+            # Skip the update (logged) rather than poison the generator; training goes on.
+            self.log("train/skipped_nonfinite_rewards", 1.0, batch_size=len(batch))
+            warnings.warn(f"step {self.global_step}: non-finite rewards, policy update skipped")
+            return out
+        if self.reward == "dpg":
+            advantages = compute_advantages(
+                rewards, self.sampling.samples_per_prompt, self.policy.baseline,
+                self.policy.scale_rewards,
+            )
+        else:
+            advantages = self._dataset_advantages(rewards)
+        with _timed(times, "policy_update"):
+            stats = self._update_policy(rollout, advantages.to(self.device))
+        n_tok = rollout.completion_mask.sum().float()
+        self.log_dict(
+            {
+                "train/reward_mean": rewards.mean().float(),
+                "train/reward_std": rewards.std().float() if len(rewards) > 1 else 0.0,
+                "train/completion_tokens": n_tok / len(rollout.texts),
+                **{f"train/{k}": v for k, v in stats.items()},
+                **{f"time/{k}": v for k, v in times.items()},
+            },
+            batch_size=len(batch),
+        )
+        self.log("reward", rewards.mean().float(), prog_bar=True, logger=False, batch_size=len(batch))
+        self.log("phi", phi.float(), prog_bar=True, logger=False, batch_size=len(batch))
+        out["advantages"] = advantages.cpu()
+        return out
+
+    def _dataset_advantages(self, rewards: Tensor) -> Tensor:
+        """Dataset-level RL: all examples share ``Phi(SFT(D))``, so a within-step baseline
+        would zero every advantage; compare with an exponential moving average of earlier
+        steps' Phi instead (scaled by its running std when ``scale_rewards`` is not ``none``).
+        """
+        value, state = rewards[0].double(), self.dataset_baseline
+        if self.policy.baseline == "none":
+            centred = value
+        else:
+            centred = value - state[0] if state[2] > 0 else torch.zeros_like(value)
+        if self.policy.scale_rewards != "none":
+            std = state[1].clamp(min=0).sqrt()
+            flat = state[2] < 2 or std <= 1e-6 * value.abs()
+            centred = torch.zeros_like(value) if flat else centred / std
+        delta = value - state[0]
+        if state[2] == 0:
+            state[0] = value
+        else:
+            state[0] += (1 - self.ema_decay) * delta
+            state[1] = self.ema_decay * (state[1] + (1 - self.ema_decay) * delta * delta)
+        state[2] += 1
+        return centred.to(rewards.dtype).expand_as(rewards).clone()
+
+    def _update_policy(self, rollout, advantages: Tensor) -> dict[str, Tensor]:
+        p, temp = self.policy, self.sampling.temperature
+        with torch.no_grad():
+            old = completion_logprobs(self.generator, rollout, temp)
+            ref = completion_logprobs(self.reference, rollout, temp) if self.reference else None
+        opt = self.optimizers()
+        n = len(rollout.texts)
+        stats: dict[str, list[Tensor]] = {"policy_loss": [], "clip_frac": [], "kl": []}
+        for _ in range(p.num_iterations):
+            perm = torch.randperm(n, device=self.device) if p.num_minibatches > 1 else None
+            rows_list = perm.chunk(p.num_minibatches) if perm is not None else [None]
+            for rows in rows_list:
+                sel = slice(None) if rows is None else rows
+                logp = completion_logprobs(self.generator, rollout, temp, rows=rows)
+                loss, s = policy_loss(
+                    logp, old[sel], advantages[sel], rollout.completion_mask[sel], p.epsilon,
+                    ref[sel] if ref is not None else None, p.beta,
+                )
+                opt.zero_grad()
+                self.manual_backward(loss)
+                if p.max_grad_norm:
+                    self.clip_gradients(opt, gradient_clip_val=p.max_grad_norm, gradient_clip_algorithm="norm")
+                opt.step()
+                stats["policy_loss"].append(loss.detach())
+                for k, v in s.items():
+                    stats[k].append(v)
+        return {k: torch.stack(v).mean() for k, v in stats.items()}
+
+    # ---------------------------------------------------------------- validation
+
+    def evaluate(self, prompts: list[str]) -> dict[str, float]:
+        """Phi after plain SFT of a fresh target copy on a fresh sample of the generator.
+
+        Sampling uses a fixed seed (common random numbers), so two evaluations differ only
+        because the generator changed.
+        """
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed + 12345)
+            rollout = sample_rollout(self.generator, self.gen_tokenizer, prompts, self.sampling)
+        data = tokenize_examples(rollout.texts, self.target_tokenizer, self.inner.max_length)
+        order = inner_order(len(data), min(self.inner.batch_size, len(data)), self.inner.shuffle, self.seed)
+        readout: dict[str, float] = {}
+
+        def phi_and_readout(target):
+            value = self.metric(target)
+            readout.update(self.metric.readout(target))
+            return value
+
+        eps = torch.ones(len(data), device=self.device)
+        phi, _ = run_sft(self.target, data.to(self.device), eps, phi_and_readout, self.inner, order, False)
+        return {"val/phi": float(phi.detach()), "val/phi_initial": self.phi_initial,
+                **{f"val/{k}": v for k, v in readout.items()}}
+
+    def validation_step(self, batch: list[str], batch_idx: int) -> None:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "validation runs a (plain) SFT and needs autograd: set `trainer.inference_mode: false`"
+            )
+        self.log_dict(self.evaluate(batch), batch_size=len(batch))
+
+    def on_train_start(self) -> None:
+        """Log validation Phi at step 0, so every run's curve starts from the untrained generator."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if self.global_step == 0 and dm is not None and self.logger is not None:
+            prompts = next(iter(dm.val_dataloader()))
+            self.logger.log_metrics(self.evaluate(prompts), step=0)
+
+
+def _check_settings(sampling: SamplingConfig, policy: PolicyConfig, reward: str) -> None:
+    if sampling.samples_per_prompt < 1:
+        raise ValueError(
+            f"`sampling.samples_per_prompt` is {sampling.samples_per_prompt}; it must be >= 1"
+        )
+    if sampling.temperature <= 0:
+        raise ValueError(f"`sampling.temperature` is {sampling.temperature}; it must be > 0")
+    if not 0 < sampling.top_p <= 1:
+        raise ValueError(f"`sampling.top_p` is {sampling.top_p}; it must be in (0, 1]")
+    if policy.num_iterations < 1 or policy.num_minibatches < 1:
+        raise ValueError("`policy.num_iterations` and `policy.num_minibatches` must be >= 1")
+    if policy.baseline == "group" and sampling.samples_per_prompt == 1:
+        warnings.warn(
+            "`policy.baseline: group` with `sampling.samples_per_prompt: 1` gives every example "
+            "zero advantage (nothing to compare within a group): nothing will be learned. "
+            "Raise samples_per_prompt or use baseline: batch_mean | leave_one_out"
+        )
+
+
+@contextmanager
+def _timed(times: dict[str, float], key: str):
+    start = time.perf_counter()
+    yield
+    times[key] = times.get(key, 0.0) + time.perf_counter() - start

@@ -1,0 +1,91 @@
+"""Objectives ``Phi(target)``: differentiable scalars of the trained target, higher is better.
+
+An objective is any callable ``phi(target: nn.Module) -> Tensor`` (a scalar with a gradient path
+to the target's trained parameters). Subclass :class:`Objective` for optional hooks: ``setup``
+sees the *initial* target once (to remember reference weights), ``readout`` reports the
+human-facing numbers. The target passed in may be a ``higher``-patched copy or a module under
+``torch.func.functional_call``: read weights through module attributes (``target.lm_head.weight``,
+``target.get_output_embeddings().weight``), never through a cached tensor of the trained model.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class Objective:
+    """Base class for objectives (see module docstring)."""
+
+    def setup(self, target: nn.Module) -> None:
+        """Called once with the initial target before training (default: nothing)."""
+
+    def __call__(self, target: nn.Module) -> Tensor:
+        raise NotImplementedError
+
+    def readout(self, target: nn.Module) -> dict[str, float]:
+        """Task numbers to log besides Phi (default: none)."""
+        return {}
+
+
+def lm_head_weight(target: nn.Module) -> Tensor:
+    """The LM-head matrix ``[vocab, hidden]`` (tied heads are the input embedding)."""
+    head = target.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(target).__name__} has no output embeddings (LM head)")
+    return head.weight
+
+
+class LMHeadL2Norm(Objective):
+    """``Phi = -||W_lmhead||_F``: reward data whose SFT shrinks the LM head."""
+
+    def __call__(self, target: nn.Module) -> Tensor:
+        return -lm_head_weight(target).norm()
+
+    def readout(self, target: nn.Module) -> dict[str, float]:
+        return {"lm_head_norm": float(lm_head_weight(target).detach().norm())}
+
+
+class MetricOnTarget(nn.Module):
+    """Wraps ``phi(target)`` as a module so ``torch.func.functional_call`` can swap in weights."""
+
+    def __init__(self, target: nn.Module, phi) -> None:
+        super().__init__()
+        self.target = target
+        self.phi = phi
+
+    def forward(self) -> Tensor:
+        return self.phi(self.target)
+
+
+def check_objective(phi, target: nn.Module, trainable: list[str]) -> float:
+    """Fail fast unless ``phi`` is a finite scalar with a gradient path to trained parameters.
+
+    Returns Phi of the initial target. Runs once at start-up, before any long work.
+    """
+    named = dict(target.named_parameters())
+    params = {n: named[n].detach().requires_grad_() for n in trainable}
+    with torch.enable_grad():
+        value = torch.func.functional_call(
+            MetricOnTarget(target, phi), {f"target.{n}": p for n, p in params.items()}, ()
+        )
+    name = getattr(phi, "__name__", type(phi).__name__)
+    if not isinstance(value, Tensor) or value.numel() != 1:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"metric {name} returned {shape}; it must return a scalar tensor "
+            "(reduce it, e.g. with .mean())"
+        )
+    if not torch.isfinite(value):
+        raise ValueError(f"metric {name} is {value.item()} on the initial target; it must be finite")
+    grads = []
+    if value.requires_grad:
+        grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+    if all(g is None for g in grads):
+        raise ValueError(
+            f"metric {name} has no gradient path to the trained target parameters "
+            f"({len(trainable)} selected by `inner.train_params`): it reads only frozen weights "
+            "or detaches them. Train the parameters it reads (e.g. `inner.train_params: all`) "
+            "and compute it from module attributes without .detach()/.item()"
+        )
+    return float(value.detach())

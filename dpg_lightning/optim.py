@@ -1,0 +1,107 @@
+"""Differentiable inner optimizers: one functional SGD / Adam / AdamW step, shared by backends.
+
+``torch.optim`` mutates parameters in place, so it cannot be differentiated through. These
+functions return new tensors instead, with the exact update rule of ``torch.optim.SGD``,
+``torch.optim.Adam`` and ``torch.optim.AdamW`` (checked to 1e-12 in float64 in the tests), plus
+``eps_root`` inside Adam's square root (as in optax): ``sqrt(v_hat + eps_root)``. Without it the
+derivative of ``sqrt(v)`` is infinite wherever a second moment is zero (any parameter whose
+gradient is zero, e.g. embeddings of tokens not in the batch) and the metagradient turns NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class InnerOptimConfig:
+    """Hyper-parameters of the inner (target) optimizer.
+
+    ``adam`` couples weight decay into the gradient (L2, like ``torch.optim.Adam``); ``adamw``
+    decays the weights directly (like ``torch.optim.AdamW``); ``sgd`` adds L2 to the gradient.
+    """
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    eps_root: float = 0.0
+    weight_decay: float = 0.0
+    momentum: float = 0.0
+
+    def torch_class(self) -> type[torch.optim.Optimizer]:
+        """The ``torch.optim`` class whose math this config reproduces."""
+        return {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[
+            self.name
+        ]
+
+    def torch_kwargs(self) -> dict:
+        """Constructor kwargs for :meth:`torch_class` (``eps_root`` has no torch equivalent)."""
+        if self.name == "sgd":
+            return dict(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        return dict(lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.weight_decay)
+
+
+@dataclass
+class OptimState:
+    """Functional optimizer state for a list of parameters (step count, moments, momentum)."""
+
+    step: int = 0
+    exp_avg: list[Tensor] = field(default_factory=list)
+    exp_avg_sq: list[Tensor] = field(default_factory=list)
+
+
+def sgd_update(p: Tensor, g: Tensor, buf: Tensor | None, cfg: InnerOptimConfig, first: bool):
+    """One ``torch.optim.SGD`` step (no dampening/nesterov); returns ``(p_new, momentum_buf)``."""
+    if cfg.weight_decay:
+        g = g + cfg.weight_decay * p
+    if cfg.momentum:
+        buf = g if first else buf * cfg.momentum + g
+        g = buf
+    return p - cfg.lr * g, buf
+
+
+def adam_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: int, cfg: InnerOptimConfig):
+    """One ``torch.optim.Adam``/``AdamW`` step at 1-based ``step``; returns ``(p, m, v)``."""
+    beta1, beta2 = cfg.betas
+    if cfg.weight_decay:
+        if cfg.name == "adamw":
+            p = p * (1 - cfg.lr * cfg.weight_decay)
+        else:
+            g = g + cfg.weight_decay * p
+    m = m * beta1 + (1 - beta1) * g
+    v = v * beta2 + (1 - beta2) * g * g
+    bias1 = 1 - beta1**step
+    bias2 = 1 - beta2**step
+    if cfg.eps_root:
+        denom = (v / bias2 + cfg.eps_root).sqrt() + cfg.eps
+    else:
+        denom = v.sqrt() / bias2**0.5 + cfg.eps
+    return p - (cfg.lr / bias1) * m / denom, m, v
+
+
+def init_state(params: list[Tensor]) -> OptimState:
+    """Zero moments for ``params`` (used by Adam/AdamW; SGD momentum uses ``exp_avg``)."""
+    return OptimState(0, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params])
+
+
+def optimizer_step(
+    params: list[Tensor], grads: list[Tensor | None], state: OptimState, cfg: InnerOptimConfig
+) -> tuple[list[Tensor], OptimState]:
+    """Apply one functional step of ``cfg`` to every parameter; ``None`` grads leave it as is."""
+    step = state.step + 1
+    new_p, new_m, new_v = [], [], []
+    for p, g, m, v in zip(params, grads, state.exp_avg, state.exp_avg_sq):
+        if g is None:
+            new_p.append(p), new_m.append(m), new_v.append(v)
+            continue
+        if cfg.name == "sgd":
+            p, m = sgd_update(p, g, m, cfg, first=step == 1)
+        else:
+            p, m, v = adam_update(p, g, m, v, step, cfg)
+        new_p.append(p), new_m.append(m), new_v.append(v)
+    return new_p, OptimState(step, new_m, new_v)
