@@ -29,7 +29,9 @@ def _centre(r: Tensor, baseline: Baseline) -> Tensor:
         if n == 1:
             return torch.zeros_like(r)
         return r - (r.sum() - r) / (n - 1)
-    raise ValueError(f"unknown baseline {baseline!r}: use none | batch_mean | leave_one_out | group")
+    raise ValueError(
+        f"unknown baseline {baseline!r}: use none | batch_mean | leave_one_out | group"
+    )
 
 
 def _scale(x: Tensor, r: Tensor, dim: int | None, rel_tol: float) -> Tensor:

@@ -10,17 +10,33 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningCLI
 
 from dpg_lightning.data import PromptDataModule
+from dpg_lightning.distributed import check_checkpoint_config
 from dpg_lightning.module import DPGModule
 
 
 class DPGCLI(LightningCLI):
     """LightningCLI that reports where a finished run put its outputs."""
 
+    def _parse_ckpt_path(self) -> None:
+        """Refuse a ``--ckpt_path`` of another model instead of silently adopting its config.
+
+        LightningCLI replaces the model config with the checkpoint's hyper-parameters; for a
+        checkpoint of a different model that would quietly resume *that* model.
+        """
+        sub = self.config.get("subcommand")
+        given = self.config[sub].get("model") if sub else None
+        given = given.clone() if hasattr(given, "clone") else None
+        super()._parse_ckpt_path()
+        if given is not None:
+            merged = self.config[sub]["model"]
+            check_checkpoint_config(given.as_dict(), merged.as_dict())
+
     def after_fit(self) -> None:
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
-        lines = [f"run directory:  {trainer.log_dir}"]
+        lines = [f"run directory:  {log_dir}"]
         ckpt = trainer.checkpoint_callback
         if ckpt is not None:
             lines.append(f"checkpoints:    {ckpt.dirpath} (best: {ckpt.best_model_path or '-'})")

@@ -25,7 +25,7 @@ from dpg_lightning.optim import InnerOptimConfig, OptimState, init_state, optimi
 
 
 class _DifferentiableTorchOptim(higher.optim.DifferentiableOptimizer):
-    """A ``higher`` optimizer whose update is :func:`optimizer_step` for one ``torch.optim`` type."""
+    """A ``higher`` optimizer updating with :func:`optimizer_step` (one ``torch.optim`` type)."""
 
     name: str = "sgd"
 

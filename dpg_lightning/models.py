@@ -98,7 +98,7 @@ def _no_dropout(config) -> None:
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
-    """Build (or load) the causal LM described by ``cfg`` in eval mode, eager attention, no dropout."""
+    """Build or load the causal LM ``cfg`` describes: eval mode, eager attention, no dropout."""
     dtype = getattr(torch, cfg.dtype)
     if cfg.pretrained is not None:
         model = AutoModelForCausalLM.from_pretrained(
@@ -144,10 +144,15 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
             torch.manual_seed(cfg.seed)
             model = cls(config)
         model = model.to(dtype)
-    if model.get_input_embeddings().weight.shape[0] < vocab_size:
+    _check_vocab(model, cfg, vocab_size)
+    return model.eval()
+
+
+def _check_vocab(model: PreTrainedModel, cfg: ModelConfig, vocab_size: int) -> None:
+    """A tokenizer with ids beyond the embedding table would index out of range mid-run."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < vocab_size:
         raise ValueError(
-            f"model {cfg.pretrained or cfg.arch!r} has "
-            f"{model.get_input_embeddings().weight.shape[0]} token embeddings but its tokenizer "
+            f"model {cfg.pretrained or cfg.arch!r} has {rows} token embeddings but its tokenizer "
             f"has {vocab_size} tokens: set `tokenizer` to the one the model was trained with"
         )
-    return model.eval()

@@ -43,7 +43,9 @@ class InnerOptimConfig:
         """Constructor kwargs for :meth:`torch_class` (``eps_root`` has no torch equivalent)."""
         if self.name == "sgd":
             return dict(lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
-        return dict(lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.weight_decay)
+        return dict(
+            lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.weight_decay
+        )
 
 
 @dataclass
@@ -86,7 +88,9 @@ def adam_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, step: int, cfg: Inne
 
 def init_state(params: list[Tensor]) -> OptimState:
     """Zero moments for ``params`` (used by Adam/AdamW; SGD momentum uses ``exp_avg``)."""
-    return OptimState(0, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params])
+    return OptimState(
+        0, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    )
 
 
 def optimizer_step(

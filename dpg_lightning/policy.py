@@ -10,6 +10,7 @@ frozen copy of the initial generator).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 

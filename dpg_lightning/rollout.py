@@ -40,7 +40,9 @@ class Rollout:
 
 
 @torch.no_grad()
-def sample_rollout(generator: nn.Module, tokenizer, prompts: list[str], cfg: SamplingConfig) -> Rollout:
+def sample_rollout(
+    generator: nn.Module, tokenizer, prompts: list[str], cfg: SamplingConfig
+) -> Rollout:
     """Sample ``cfg.samples_per_prompt`` completions per prompt (only completions are examples)."""
     device = next(generator.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)

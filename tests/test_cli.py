@@ -1,0 +1,101 @@
+"""The user interface: `python -m dpg_lightning fit --config ...` and its start-up errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dpg_lightning.cli import main
+
+CONFIG = "configs/tiny/l2_norm.yaml"
+FAST = [
+    "--trainer.max_steps=2",
+    "--trainer.val_check_interval=2",
+    "--trainer.enable_progress_bar=false",
+    "--model.sampling.max_new_tokens=8",
+    "--model.sampling.samples_per_prompt=2",
+    "--data.num_prompts=2",
+    "--data.val_num_prompts=2",
+    "--model.inner.batch_size=2",
+]
+
+
+def _fast(tmp_path: Path) -> list[str]:
+    return [
+        *FAST,
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
+
+
+def test_fit_subprocess_writes_checkpoint_and_reports_paths(tmp_path):
+    cmd = [sys.executable, "-m", "dpg_lightning", "fit", "--config", CONFIG, *_fast(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpts = list(tmp_path.rglob("*.ckpt"))
+    assert any(c.name == "last.ckpt" for c in ckpts), ckpts
+    assert "checkpoints:" in proc.stdout and "run directory:" in proc.stdout
+    state = torch.load(next(c for c in ckpts if c.name == "last.ckpt"), weights_only=False)
+    assert state["global_step"] == 2
+    assert any(k.startswith("generator.") for k in state["state_dict"])
+    metrics = next(tmp_path.rglob("metrics.csv")).read_text()
+    assert "val/phi" in metrics and "train/reward_mean" in metrics
+
+
+def test_print_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, "--print_config"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "class_path: dpg_lightning.objectives.LMHeadL2Norm" in out and "inner:" in out
+
+
+def test_unknown_key_is_named(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, "--model.inner.learning_rate=0.1"])
+    assert exit_info.value.code != 0
+    assert "learning_rate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--data.prompt_file=does/not/exist.txt", "data.prompt_file"),
+        ("--model.sampling.samples_per_prompt=0", "sampling.samples_per_prompt"),
+        ("--model.inner.batch_size=64", "inner.batch_size"),
+        ("--model.inner.train_params=no_such_param", "inner.train_params"),
+    ],
+)
+def test_bad_settings_fail_before_training(tmp_path, override, message):
+    with pytest.raises((ValueError, FileNotFoundError), match=message.replace(".", r"\.")):
+        main(["fit", "--config", CONFIG, *_fast(tmp_path), override])
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_empty_prompt_file(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(ValueError, match="has no prompts"):
+        main(["fit", "--config", CONFIG, *_fast(tmp_path), f"--data.prompt_file={empty}"])
+
+
+def test_nonfinite_rewards_skip_the_update_and_training_goes_on(tmp_path, monkeypatch):
+    import dpg_lightning.module as module
+
+    def nan_rewards(target, data, phi, cfg, order, **kwargs):
+        n = len(data)
+        return torch.full((n,), float("nan")), torch.tensor(0.0), [torch.tensor(0.0)]
+
+    monkeypatch.setattr(module, "metagradient_rewards", nan_rewards)
+    cli = main(["fit", "--config", CONFIG, *_fast(tmp_path)])
+    initial = module.DPGModule(
+        generator=cli.model.gen_cfg, target=cli.model.target_cfg, inner=cli.model.inner
+    )
+    for a, b in zip(cli.model.generator.parameters(), initial.generator.parameters()):
+        assert torch.equal(a, b)  # no update was applied
+    assert cli.trainer.global_step == 0 or cli.trainer.fit_loop.total_batch_idx >= 1
+    assert "train/skipped_nonfinite_rewards" in next(tmp_path.rglob("metrics.csv")).read_text()
