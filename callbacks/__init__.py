@@ -1,1 +1,19 @@
-"""Callbacks."""
+"""Lightning callbacks that observe a DPG run (``dpg_lightning`` never imports this package).
+
+Add them to a config's ``trainer.callbacks`` list, e.g. ``class_path: callbacks.SampleWriter``.
+"""
+
+from callbacks.hparams import StructuredHparams
+from callbacks.metrics import RolloutMetrics, VarianceMetric
+from callbacks.plots import LMHeadPatchImage, PhiCurvePlot, decode_qr
+from callbacks.samples import SampleWriter
+
+__all__ = [
+    "LMHeadPatchImage",
+    "PhiCurvePlot",
+    "RolloutMetrics",
+    "SampleWriter",
+    "StructuredHparams",
+    "VarianceMetric",
+    "decode_qr",
+]

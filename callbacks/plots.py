@@ -1,0 +1,302 @@
+"""Pictures of a DPG run: the validation-Phi curve and the LM-head patch the target learns.
+
+Figures are drawn with matplotlib's object API (``Figure``, no ``pyplot``), so no GUI backend or
+global figure state is involved on headless cluster nodes. Only global rank zero draws.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+
+from callbacks.samples import run_dir
+from dpg_lightning.inner import inner_order, run_sft, tokenize_examples
+
+
+def _log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            logger.log_image(key=key, images=[str(path)], step=step)
+
+
+class PhiCurvePlot(L.Callback):
+    """Plot validation Phi against training steps to ``<run dir>/<filename>``.
+
+    The plot is redrawn after every validation (so a crashed run still has one) and at the end
+    of fit, when it is also logged as a ``wandb.Image`` if a ``WandbLogger`` is active. The
+    dashed line is Phi of the initial target before any SFT (``val/phi_initial``), the level a
+    useless synthetic set would not move.
+
+    Args:
+        monitor: the validation metric to plot.
+        filename: PNG file name inside the run directory.
+    """
+
+    def __init__(self, monitor: str = "val/phi", filename: str = "val_phi.png") -> None:
+        super().__init__()
+        self.monitor, self.filename = monitor, filename
+        self.output_path: Path | None = None
+        self.history: list[tuple[int, float]] = []
+        self._initial: float | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        directory = run_dir(trainer)
+        if stage == "fit" and trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.output_path = directory / self.filename
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or self.output_path is None:
+            return
+        metrics = trainer.callback_metrics
+        if self.monitor not in metrics:
+            return
+        self.history.append((trainer.global_step, float(metrics[self.monitor])))
+        if "val/phi_initial" in metrics:
+            self._initial = float(metrics["val/phi_initial"])
+        self.draw()
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.output_path is not None and self.history:
+            self.draw()
+            _log_image(trainer, "val_phi_curve", self.output_path, trainer.global_step)
+
+    def draw(self) -> None:
+        """Write the PNG from the points collected so far."""
+        steps, values = zip(*self.history, strict=True)
+        fig = Figure(figsize=(6, 4), dpi=100)
+        ax = fig.subplots()
+        ax.plot(steps, values, marker="o", label=self.monitor)
+        if self._initial is not None:
+            ax.axhline(self._initial, linestyle="--", color="gray", label="initial target (no SFT)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("training step")
+        ax.set_ylabel(self.monitor)
+        ax.set_title(f"{self.monitor} (higher is better)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.output_path)
+
+
+def load_image(
+    image: str | os.PathLike | np.ndarray | None, qr_text: str | None = None
+) -> np.ndarray | None:
+    """A 2-D float array from an array, a ``.npy`` file, or a pattern name (``None`` passes).
+
+    Any other string goes to ``dpg_lightning.patterns.load_bitmap`` when that module exists
+    (``67``, ``qr`` with ``qr_text``, a black/white ``.png``), so the callback can name the same
+    image as the pattern objective in a config.
+    """
+    if image is None:
+        return None
+    if isinstance(image, (str, os.PathLike)):
+        path = Path(image)
+        if path.suffix.lower() == ".npy" and path.is_file():
+            array = np.load(path)
+        else:
+            try:
+                from dpg_lightning.patterns import load_bitmap
+            except ImportError as err:
+                raise ValueError(
+                    f"target_image {str(image)!r} is not an existing .npy file"
+                ) from err
+            array = load_bitmap(str(image), qr_text)
+    else:
+        array = np.asarray(image)
+    array = np.squeeze(array).astype(np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"target_image must be 2-D (a patch of the LM head); got {array.shape}")
+    return array
+
+
+def decode_qr(sign: np.ndarray, module_px: int = 8) -> str | None:
+    """Text of a QR code drawn by a ``{-1, 0, 1}`` patch (one entry per QR module), else None.
+
+    Which sign is "dark" depends on the objective, so both are tried; unchanged entries count
+    as light. A white quiet zone of 4 modules is added, as QR readers require.
+    """
+    import zxingcpp
+
+    for dark in (1, -1):
+        img = np.where(sign == dark, 0, 255).astype(np.uint8)
+        img = np.kron(img, np.ones((module_px, module_px), dtype=np.uint8))
+        img = np.pad(img, 4 * module_px, constant_values=255)
+        for result in zxingcpp.read_barcodes(img):
+            if result.valid and result.text:
+                return result.text
+    return None
+
+
+class LMHeadPatchImage(L.Callback):
+    """Render ``sign(P - P_initial)`` of an LM-head patch of the SFT-trained target.
+
+    ``P = target.get_output_embeddings().weight[row:row+height, col:col+width]`` after a plain
+    inner SFT (the module's inner settings) of the initial target on the step's rollout, i.e.
+    what the current synthetic data teaches the target. Pattern objectives (a QR code, a
+    picture) ask DPG to draw an image into that patch; this shows it appear.
+
+    Every ``every_n_steps`` steps and at the end of training it writes, in
+    ``<run dir>/<dirname>/``: ``step{N}.png``, the patch at one pixel per weight
+    (black +1, gray 0, white -1: a pattern's ink moves up), and ``step{N}_vs_target.png``,
+    the patch enlarged beside ``target_image`` (higher = darker; also a ``wandb.Image``).
+    It logs ``patch/changed_share``, ``patch/match`` (share of entries whose sign equals the
+    target binarized at its mid-range: 1 = drawn, 0 = drawn inverted) and, with ``decode_qr``,
+    ``patch/qr_decodes`` (1/0; the decoded text goes to ``decodes.jsonl``). Each render costs
+    one plain inner SFT.
+
+    Args:
+        row, col: top-left corner of the patch (vocabulary row, hidden column).
+        height, width: patch size.
+        target_image: the intended picture, ``height x width``: an array, a ``.npy`` path, or
+            a pattern name of ``dpg_lightning.patterns`` (``67``, ``qr``, a ``.png`` path).
+        qr_text: the text of ``target_image: qr``.
+        every_n_steps: render every N training steps.
+        dirname: output folder inside the run directory.
+        decode_qr: try to read the patch as a QR code (needs the ``zxing-cpp`` package).
+    """
+
+    def __init__(
+        self,
+        row: int,
+        col: int,
+        height: int,
+        width: int,
+        target_image: str | os.PathLike | np.ndarray | None = None,
+        every_n_steps: int = 20,
+        dirname: str = "lm_head_patch",
+        decode_qr: bool = False,
+        qr_text: str | None = None,
+    ) -> None:
+        super().__init__()
+        if min(row, col) < 0 or min(height, width) < 1 or every_n_steps < 1:
+            raise ValueError("need row, col >= 0, height, width >= 1 and every_n_steps >= 1")
+        self.box = (row, col, height, width)
+        self.target_image = load_image(target_image, qr_text)
+        if self.target_image is not None and self.target_image.shape != (height, width):
+            raise ValueError(
+                f"target_image has shape {self.target_image.shape}, the patch is "
+                f"({height}, {width}): they must match"
+            )
+        if decode_qr:
+            import zxingcpp  # noqa: F401  (fail at start-up, not after hours of training)
+        self.every_n_steps, self.dirname, self.decode_qr = every_n_steps, dirname, decode_qr
+        self.output_path: Path | None = None
+        self.last_sign: np.ndarray | None = None
+        self._texts: list[str] = []
+        self._step = 0
+        self._rendered_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        row, col, height, width = self.box
+        shape = tuple(pl_module.target.get_output_embeddings().weight.shape)
+        if row + height > shape[0] or col + width > shape[1]:
+            raise ValueError(
+                f"LM-head patch rows {row}:{row + height}, cols {col}:{col + width} does not fit "
+                f"the target's LM head of shape {shape}"
+            )
+        directory = run_dir(trainer) / self.dirname
+        if stage == "fit" and trainer.is_global_zero:
+            directory.mkdir(parents=True, exist_ok=True)
+            self.output_path = directory
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        # The steps the generator had taken when it sampled this batch's examples.
+        self._step = trainer.global_step
+
+    def on_train_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        if self.output_path is None or not isinstance(outputs, dict) or not outputs.get("texts"):
+            return
+        self._texts = list(outputs["texts"])
+        if self._step % self.every_n_steps == 0:
+            self.render(trainer, pl_module, self._texts, self._step)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.output_path is not None and self._texts and self._rendered_step != self._step:
+            self.render(trainer, pl_module, self._texts, self._step)
+
+    def patch_after_sft(self, pl_module: L.LightningModule, texts: list[str]) -> torch.Tensor:
+        """The patch of the target's LM head after a plain inner SFT on ``texts``."""
+        row, col, height, width = self.box
+        inner = pl_module.inner
+        data = tokenize_examples(texts, pl_module.target_tokenizer, inner.max_length)
+        data = data.to(pl_module.device)
+        batch_size = min(inner.batch_size, len(data))
+        order = inner_order(len(data), batch_size, inner.shuffle, pl_module.seed)
+        captured: dict[str, torch.Tensor] = {}
+
+        def capture(target: torch.nn.Module) -> torch.Tensor:
+            weight = target.get_output_embeddings().weight
+            captured["patch"] = weight[row : row + height, col : col + width].detach().clone()
+            return pl_module.metric(target)
+
+        eps = torch.ones(len(data), device=pl_module.device)
+        run_sft(pl_module.target, data, eps, capture, inner, order, False)
+        return captured["patch"]
+
+    def render(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, texts: list[str], step: int
+    ) -> Path:
+        """Run the SFT, write both PNGs, log the patch metrics; returns the side-by-side PNG."""
+        assert self.output_path is not None
+        row, col, height, width = self.box
+        patch = self.patch_after_sft(pl_module, texts)
+        initial = pl_module.target.get_output_embeddings().weight
+        initial = initial[row : row + height, col : col + width].detach()
+        sign = torch.sign(patch.float() - initial.float()).cpu().numpy().astype(np.int8)
+        self.last_sign, self._rendered_step = sign, step
+
+        exact = self.output_path / f"step{step:06d}.png"
+        Image.fromarray(((1 - sign.astype(np.int16)) * 255 // 2).astype(np.uint8)).save(exact)
+        side = self.output_path / f"step{step:06d}_vs_target.png"
+        self._draw_side_by_side(sign, step, side)
+
+        metrics = {"patch/changed_share": float((sign != 0).mean())}
+        if self.target_image is not None and np.ptp(self.target_image) > 0:
+            mid = (self.target_image.max() + self.target_image.min()) / 2
+            want = np.where(self.target_image > mid, 1, -1)
+            metrics["patch/match"] = float((sign == want).mean())
+        if self.decode_qr:
+            text = decode_qr(sign)
+            metrics["patch/qr_decodes"] = float(text is not None)
+            row = {"step": step, "decodes": text is not None, "text": text}
+            with (self.output_path / "decodes.jsonl").open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        _log_image(trainer, "lm_head_patch", side, step)
+        return side
+
+    def _draw_side_by_side(self, sign: np.ndarray, step: int, path: Path) -> None:
+        panels = [(f"sign(P - P_initial), step {step}", sign.astype(np.float64), (-1, 1))]
+        if self.target_image is not None:
+            panels.append(("target", self.target_image, None))
+        fig = Figure(figsize=(3.2 * len(panels), 3.4), dpi=100)
+        axes = np.atleast_1d(fig.subplots(1, len(panels)))
+        for ax, (title, values, limits) in zip(axes, panels, strict=True):
+            vmin, vmax = limits if limits else (values.min(), values.max())
+            ax.imshow(values, cmap="gray_r", vmin=vmin, vmax=vmax, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        fig.tight_layout()
+        fig.savefig(path)
