@@ -10,7 +10,7 @@ from __future__ import annotations
 from lightning.pytorch.cli import LightningCLI
 
 from dpg_lightning.data import PromptDataModule
-from dpg_lightning.distributed import check_checkpoint_config
+from dpg_lightning.distributed import check_checkpoint_config, close_process_group
 from dpg_lightning.module import DPGModule
 
 
@@ -51,7 +51,7 @@ class DPGCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> DPGCLI:
     """Entry point (``args=None`` reads ``sys.argv``)."""
-    return DPGCLI(
+    cli = DPGCLI(
         DPGModule,
         PromptDataModule,
         trainer_defaults={
@@ -64,3 +64,5 @@ def main(args: list[str] | None = None) -> DPGCLI:
         save_config_kwargs={"overwrite": True},
         args=args,
     )
+    close_process_group()
+    return cli

@@ -1,14 +1,24 @@
 """Prompts for the generator: a text file, one prompt per line.
 
-Training batches are ``num_prompts`` prompts drawn with a seeded generator (an infinite stream:
-a DPG run is measured in steps, not epochs). Validation uses a fixed slice of prompts so every
-validation compares the generator on the same prompts.
+Training batches are ``num_prompts`` prompts per rank drawn with a seeded generator (an
+infinite stream: a DPG run is measured in steps, not epochs). Validation uses a fixed slice of
+prompts so every validation compares the generator on the same prompts.
+
+The stream is resumable: global batch ``t`` is a pure function of ``(seed, t)`` (so nothing but
+``t`` needs checkpointing) and the datamodule counts the training batches consumed and saves
+that count in the checkpoint (Lightning stores a datamodule's ``state_dict``). Resuming thus
+continues with exactly the prompts the uninterrupted run would have drawn. With several ranks,
+global batch ``t`` has ``num_prompts x world_size`` prompts and rank ``r`` takes the ``r``-th
+share, so the ranks' prompts together are one draw.
 """
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -30,24 +40,55 @@ def read_prompts(path: str, key: str = "data.prompt_file") -> list[str]:
 
 
 class PromptStream(IterableDataset):
-    """Endless batches of ``batch_size`` prompts sampled with replacement, seeded."""
+    """Endless batches of ``batch_size`` prompts sampled with replacement, resumable.
 
-    def __init__(self, prompts: list[str], batch_size: int, seed: int) -> None:
+    Batch ``t`` is drawn by a generator seeded with ``(seed, t)`` alone, so the stream can start
+    at any ``start`` without replaying earlier draws. ``rank``/``world_size`` select this rank's
+    share of global batch ``t`` (``batch_size x world_size`` prompts).
+    """
+
+    def __init__(
+        self,
+        prompts: list[str],
+        batch_size: int,
+        seed: int,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.prompts, self.batch_size, self.seed = prompts, batch_size, seed
+        self.start, self.rank, self.world_size = start, rank, world_size
+
+    def batch(self, t: int) -> list[str]:
+        """This rank's prompts of global batch ``t``."""
+        gen = torch.Generator().manual_seed(_batch_seed(self.seed, t))
+        idx = torch.randint(len(self.prompts), (self.batch_size * self.world_size,), generator=gen)
+        mine = idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return [self.prompts[i] for i in mine.tolist()]
 
     def __iter__(self) -> Iterator[list[str]]:
-        gen = torch.Generator().manual_seed(self.seed)
+        t = self.start
         while True:
-            idx = torch.randint(len(self.prompts), (self.batch_size,), generator=gen)
-            yield [self.prompts[i] for i in idx.tolist()]
+            yield self.batch(t)
+            t += 1
+
+
+def _batch_seed(seed: int, t: int) -> int:
+    """A distinct seed per (seed, batch index); independent of how many batches came before."""
+    return (seed * 1_000_003 + t * 7_919 + 1) % (2**63 - 1)
+
+
+def _prompts_digest(prompts: list[str]) -> str:
+    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
 
 
 class PromptDataModule(L.LightningDataModule):
-    """Serves prompt batches.
+    """Serves prompt batches and remembers how far the training stream has got.
 
     Args:
         prompt_file: text file, one prompt per line.
-        num_prompts: prompts per training step (each gets ``samples_per_prompt`` completions).
+        num_prompts: prompts per training step and rank (each gets ``samples_per_prompt``
+            completions).
         val_num_prompts: prompts in the fixed validation set (the first lines of the file,
             cycled if the file is shorter).
         seed: seed of the training prompt order.
@@ -62,11 +103,59 @@ class PromptDataModule(L.LightningDataModule):
                 raise ValueError(f"`data.{key}` is {value}; it must be at least 1")
         self.prompts = read_prompts(prompt_file)
         self.num_prompts, self.val_num_prompts, self.seed = num_prompts, val_num_prompts, seed
+        # Training batches handed to the model so far (counted in `on_before_batch_transfer`,
+        # which runs once per batch actually trained on; the loader itself may prefetch).
+        self.batches_consumed = 0
 
     def train_dataloader(self) -> DataLoader:
-        stream = PromptStream(self.prompts, self.num_prompts, self.seed)
+        rank, world = 0, 1
+        if self.trainer is not None:
+            rank, world = self.trainer.global_rank, self.trainer.world_size
+        stream = PromptStream(
+            self.prompts, self.num_prompts, self.seed, self.batches_consumed, rank, world
+        )
         return DataLoader(stream, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
         val = [self.prompts[i % len(self.prompts)] for i in range(self.val_num_prompts)]
         return DataLoader([val], batch_size=None)
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Count training batches as they reach the model (not validation batches)."""
+        if self.trainer is not None and self.trainer.training:
+            self.batches_consumed += 1
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Stream position plus what defines the stream, so a resume can check it is the same."""
+        return {
+            "batches_consumed": self.batches_consumed,
+            "seed": self.seed,
+            "num_prompts": self.num_prompts,
+            "prompts_sha256": _prompts_digest(self.prompts),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the stream where the checkpoint left it; refuse a different stream.
+
+        A different seed or prompt file would silently turn a resume into another experiment,
+        so those are errors; ``num_prompts`` may change (e.g. resuming on more GPUs) with a
+        warning, since the stream then continues at the same step but is no longer the same.
+        """
+        for key, mine in (("seed", self.seed), ("prompts_sha256", _prompts_digest(self.prompts))):
+            theirs = state_dict.get(key, mine)
+            if theirs != mine:
+                what = "data.seed" if key == "seed" else "the prompts in data.prompt_file"
+                raise ValueError(
+                    f"the checkpoint comes from a run with different {what} ({theirs!r}, this "
+                    f"run: {mine!r}), so it cannot be resumed exactly; resume with the config "
+                    "it was trained with, or start a fresh run (no --ckpt_path, new run dir)"
+                )
+        if state_dict.get("num_prompts", self.num_prompts) != self.num_prompts:
+            warnings.warn(
+                f"resuming with data.num_prompts={self.num_prompts} but the checkpoint used "
+                f"{state_dict['num_prompts']}: the prompt stream continues but differs from "
+                "the original run's",
+                stacklevel=2,
+            )
+        self.batches_consumed = int(state_dict["batches_consumed"])

@@ -19,6 +19,15 @@ import torch
 from torch import Tensor
 
 from dpg_lightning.advantages import compute_advantages
+from dpg_lightning.distributed import (
+    SlurmRequeue,
+    all_gather_cat,
+    check_checkpoint_config,
+    check_slurm_launch,
+    plan_sft,
+    step_seed,
+    world_info,
+)
 from dpg_lightning.inner import (
     InnerConfig,
     dataset_reward,
@@ -46,7 +55,12 @@ class DPGModule(L.LightningModule):
         policy: advantage and generator-update settings.
         reward: ``dpg`` (per-example metagradient) or ``dataset`` (every example gets
             ``Phi(SFT(D))``: the naive dataset-level RL baseline).
-        seed: base seed of the inner shuffles and of validation sampling.
+        seed: base seed of the inner shuffles, of each step's sampling RNG (re-seeded every
+            step from ``(seed, step, rank)``, which makes resumes exact) and of validation.
+        distributed: with several ranks, ``shared`` (default) runs ONE inner SFT over all
+            ranks' examples (exact rewards; gradients all-reduced inside the differentiable
+            loop); ``independent`` gives each rank its own SFT on its own examples (an
+            approximation, no inner communication). See ``dpg_lightning.distributed``.
     """
 
     def __init__(
@@ -59,8 +73,10 @@ class DPGModule(L.LightningModule):
         policy: PolicyConfig | None = None,
         reward: Literal["dpg", "dataset"] = "dpg",
         seed: int = 0,
+        distributed: Literal["shared", "independent"] = "shared",
     ) -> None:
         super().__init__()
+        check_slurm_launch()
         self.save_hyperparameters(ignore=["metric"])
         self.automatic_optimization = False
         self.gen_cfg = generator or ModelConfig()
@@ -70,6 +86,9 @@ class DPGModule(L.LightningModule):
         self.sampling = sampling or SamplingConfig()
         self.policy = policy or PolicyConfig()
         self.reward, self.seed = reward, seed
+        if distributed not in ("shared", "independent"):
+            raise ValueError(f"`model.distributed` is {distributed!r}; use shared | independent")
+        self.distributed = distributed
         _check_settings(self.sampling, self.policy, reward)
 
         self.gen_tokenizer = load_tokenizer(self.gen_cfg)
@@ -99,9 +118,25 @@ class DPGModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         """Check the synthetic-set size against ``inner.batch_size`` before any long work."""
         dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if self._trainer:
+            check_slurm_launch(self.trainer.num_nodes, self.trainer.num_devices)
         if dm is not None and hasattr(dm, "num_prompts"):
             n = dm.num_prompts * self.sampling.samples_per_prompt
+            if self.distributed == "shared" and self._trainer:
+                n *= self.trainer.world_size
             inner_order(n, self.inner.batch_size, False, 0)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Slurm auto-requeue that checkpoints between steps (see ``SlurmRequeue``)."""
+        return [SlurmRequeue()]
+
+    def on_train_batch_start(self, batch: list[str], batch_idx: int) -> None:
+        """Re-seed the RNG from (seed, step, rank): exact resumes, distinct samples per rank."""
+        torch.manual_seed(step_seed(self.seed, self.global_step, world_info().rank))
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another model (instead of a wall of shape mismatches)."""
+        check_checkpoint_config(dict(self.hparams), checkpoint.get("hyper_parameters", {}))
 
     # ---------------------------------------------------------------- training
 
@@ -111,32 +146,54 @@ class DPGModule(L.LightningModule):
             rollout = sample_rollout(self.generator, self.gen_tokenizer, batch, self.sampling)
         data = tokenize_examples(rollout.texts, self.target_tokenizer, self.inner.max_length)
         data = data.to(self.device)
-        order = inner_order(
-            len(data), self.inner.batch_size, self.inner.shuffle, self.seed * 1_000_003 + self.global_step
+        world = world_info()
+        plan = plan_sft(
+            len(data), self.inner.batch_size, self.inner.shuffle,
+            self.seed * 1_000_003 + self.global_step, self.distributed, world,
         )
         if self.reward == "dpg":
             rewards, phi, losses = metagradient_rewards(
-                self.target, data, self.metric, self.inner, order, times=times
+                self.target, data, self.metric, self.inner, plan.order, times=times,
+                grad_reduce=plan.grad_reduce,
             )
         else:
             with _timed(times, "inner_sft"):
-                rewards, phi, losses = dataset_reward(self.target, data, self.metric, self.inner, order)
+                rewards, phi, losses = dataset_reward(
+                    self.target, data, self.metric, self.inner, plan.order, plan.grad_reduce
+                )
+        # Rewards of all ranks' examples (one SFT over them all when shared): the baselines and
+        # the finiteness check must agree across ranks, or DDP's gradient sync would hang.
+        all_rewards = all_gather_cat(rewards, world)
+        # 0 when the ranks shared one SFT (all end with the same target), > 0 when independent.
+        phis = all_gather_cat(phi.reshape(1).to(rewards.dtype), world)
         out = {"texts": rollout.texts, "prompts": rollout.prompts, "rewards": rewards.cpu()}
         self.log_dict(
             {"train/phi_after_sft": phi.float(), "train/inner_loss_first": losses[0].float(),
-             "train/inner_loss_last": losses[-1].float()},
+             "train/inner_loss_last": losses[-1].float(),
+             "train/sft_examples": float(plan.num_examples),
+             "train/phi_rank_spread": (phis.max() - phis.min()).float()},
             batch_size=len(batch),
         )
-        if not torch.isfinite(rewards).all():
+        if not torch.isfinite(all_rewards).all():
             # Skip the update (logged) rather than poison the generator; training goes on.
             self.log("train/skipped_nonfinite_rewards", 1.0, batch_size=len(batch))
-            warnings.warn(f"step {self.global_step}: non-finite rewards, policy update skipped")
+            warnings.warn(
+                f"step {self.global_step}: non-finite rewards, policy update skipped", stacklevel=2
+            )
+            # An optimizer step with no gradients changes nothing but still counts the step,
+            # so `trainer.max_steps` is reached and checkpoints stay on schedule.
+            opt = self.optimizers()
+            opt.zero_grad(set_to_none=True)
+            opt.step()
             return out
         if self.reward == "dpg":
+            shared = self.distributed == "shared" and world.distributed
             advantages = compute_advantages(
-                rewards, self.sampling.samples_per_prompt, self.policy.baseline,
-                self.policy.scale_rewards,
+                all_rewards if shared else rewards, self.sampling.samples_per_prompt,
+                self.policy.baseline, self.policy.scale_rewards,
             )
+            if shared:  # this rank's share of the global batch's advantages
+                advantages = advantages.view(world.world_size, -1)[world.rank]
         else:
             advantages = self._dataset_advantages(rewards)
         with _timed(times, "policy_update"):

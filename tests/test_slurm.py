@@ -1,0 +1,187 @@
+"""The sbatch template on a real (one-node) Slurm cluster: 2 tasks, CPU/gloo, tiny config.
+
+``slurm/testing/start_cluster.sh`` installs Debian's Slurm and starts munge, slurmctld and
+slurmd on this machine; where that cannot work (not root, no apt, no network) the tests skip
+and say why. Checked: both ranks ran under ``srun``, the checkpoint exists, the logged metrics
+come from the shared SFT (one SFT over both ranks' examples: ``train/sft_examples`` counts all
+of them and both ranks ended with the same ``Phi``), and a job requeued mid-run
+(``scontrol requeue``) resumes from its checkpoint instead of step 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_resume import _config  # tests/ is on sys.path (pytest rootdir insertion)
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = ROOT / "slurm" / "single_node.sbatch"
+NUM_PROMPTS, SAMPLES = 2, 2  # per rank (the tiny config of test_resume)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    script = ROOT / "slurm" / "testing" / "start_cluster.sh"
+    if os.geteuid() != 0 and shutil.which("sudo") is None:
+        pytest.skip("Slurm test cluster needs root (apt-get and the daemons); not root here")
+    cmd = [str(script)] if os.geteuid() == 0 else ["sudo", "-n", str(script)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        pytest.skip("Slurm test cluster did not come up within 10 minutes")
+    if res.returncode != 0:
+        pytest.skip(f"Slurm test cluster unavailable (start_cluster.sh exit {res.returncode}): "
+                    f"{(res.stderr or res.stdout).strip()[-500:]}")
+    return True
+
+
+def _slurm_config(tmp: Path, max_steps: int) -> Path:
+    """The tiny config; checkpoints every step (and last.ckpt), under the job's run dir."""
+    path = _config(tmp, "cfg", max_steps)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["trainer"]["callbacks"][0]["init_args"] = {
+        "every_n_train_steps": 1, "save_last": True, "save_top_k": -1,
+        "filename": "step{step}", "auto_insert_metric_name": False,
+    }
+    # The template points the logger (and so ModelCheckpoint's default dirpath) at RUN_DIR.
+    cfg["trainer"]["logger"]["init_args"] = {"save_dir": "overridden", "name": "csv"}
+    del cfg["trainer"]["default_root_dir"]
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _submit(tmp: Path, config: Path, *extra: str) -> tuple[str, Path, Path]:
+    run_dir = tmp / "run"
+    out = subprocess.run(
+        ["sbatch", "--parsable", "--job-name=dpgtest", "--ntasks-per-node=2",
+         "--cpus-per-task=1", "--gpus-per-node=0", "--mem=3G", "--time=15",
+         f"--output={tmp}/%x-%j.out", f"--export=ALL,RUN_DIR={run_dir},DPG_ROOT={ROOT}",
+         str(TEMPLATE), str(config), "--trainer.accelerator=cpu", *extra],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )
+    job = out.stdout.strip().split(";")[0]
+    return job, run_dir, tmp / f"dpgtest-{job}.out"
+
+
+def _state(job: str) -> str:
+    out = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+    m = re.search(r"JobState=(\S+)", out.stdout)
+    return m.group(1) if m else "UNKNOWN"
+
+
+def _wait(job: str, log: Path, until, timeout: float, what: str) -> None:
+    start = time.time()
+    while time.time() - start < timeout:
+        if until():
+            return
+        state = _state(job)
+        if state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            break
+        time.sleep(2)
+    text = log.read_text()[-4000:] if log.exists() else "(no job log)"
+    subprocess.run(["scancel", job])
+    pytest.fail(f"job {job} ({_state(job)}) never reached: {what}\n--- job log ---\n{text}")
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    rows = []
+    for path in sorted(run_dir.glob("csv/version_*/metrics.csv")):
+        with path.open() as f:
+            rows += [dict(r, version=path.parent.name) for r in csv.DictReader(f)]
+    return rows
+
+
+def _ckpt_step(path: Path) -> int:
+    import torch
+
+    return int(torch.load(path, map_location="cpu", weights_only=False)["global_step"])
+
+
+def test_two_task_job_runs_the_shared_sft(cluster, tmp_path):
+    steps = 2
+    job, run_dir, log = _submit(tmp_path, _slurm_config(tmp_path, steps))
+    _wait(job, log, lambda: _state(job) == "COMPLETED", 420, "COMPLETED")
+    text = log.read_text()
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in text and "GLOBAL_RANK: 1, MEMBER: 2/2" in text, text
+    assert "resume from nothing" in text
+    last = next(run_dir.glob("csv/version_0/checkpoints/last.ckpt"))
+    assert _ckpt_step(last) == steps
+    assert (run_dir / "wandb_run_id").read_text().strip()
+    train = [r for r in _metrics(run_dir) if r.get("train/sft_examples")]
+    assert len(train) == steps
+    for row in train:
+        # one SFT over both ranks' examples, and both ranks ended with the same target
+        assert float(row["train/sft_examples"]) == 2 * NUM_PROMPTS * SAMPLES
+        assert float(row["train/phi_rank_spread"]) == 0.0
+
+
+def _release(job: str, log: Path) -> None:
+    """Start a requeued job now: Slurm holds one ~2 minutes (EligibleTime) before restarting
+    it; on a real cluster it simply starts a little later."""
+    _wait(job, log, lambda: _state(job) == "PENDING", 90, "PENDING after requeue")
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+
+
+def _attempt(text: str, n: int) -> str:
+    """The job log of attempt ``n`` (0 = first start, 1 = first requeue, ...)."""
+    parts = re.split(r"(?=\[dpg-slurm\] job \S+ restart )", text)
+    return next(p for p in parts if re.match(rf"\[dpg-slurm\] job \S+ restart {n} ", p))
+
+
+def _resumed_step(attempt: str) -> int:
+    resumed = re.search(r"resume from (\S+\.ckpt)", attempt)
+    assert resumed, attempt[:2000]
+    assert "Restoring states from the checkpoint path" in attempt, attempt[-3000:]
+    return _ckpt_step(Path(resumed.group(1)))
+
+
+def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
+    """Requeued twice: by ``scontrol requeue`` (a hard kill: resumes from last.ckpt), then by
+    SIGUSR1 as Slurm sends it before the time limit (checkpoint between steps on all ranks,
+    hpc_ckpt_1.ckpt, auto-requeue). Each attempt continues where the last one stopped."""
+    steps = 24
+    job, run_dir, log = _submit(tmp_path, _slurm_config(tmp_path, steps))
+
+    def checkpoints() -> list[Path]:
+        return list(run_dir.glob("csv/version_*/checkpoints/step*.ckpt"))
+
+    # 1. hard requeue once the first attempt has checkpointed step 2
+    _wait(job, log, lambda: len(checkpoints()) >= 2 and _state(job) == "RUNNING", 420,
+          "a checkpoint at step 2 while running")
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    _release(job, log)
+    done = len(checkpoints())
+
+    # 2. SIGUSR1 (as `#SBATCH --signal=SIGUSR1@90` sends it) once the second attempt has
+    #    written two checkpoints of its own
+    _wait(job, log, lambda: len(checkpoints()) >= done + 2 and _state(job) == "RUNNING", 420,
+          "two checkpoints of the requeued attempt")
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    _wait(job, log, lambda: "SIGUSR1: saved" in log.read_text(), 120, "the SIGUSR1 checkpoint")
+    _release(job, log)
+    _wait(job, log, lambda: _state(job) == "COMPLETED", 420, "COMPLETED after two requeues")
+
+    text = log.read_text()
+    first = _resumed_step(_attempt(text, 1))
+    second = _resumed_step(_attempt(text, 2))
+    assert 2 <= first < second < steps, (first, second)
+    assert (run_dir / "hpc_ckpt_1.ckpt").exists()
+    assert "job " + job + " requeued" in _attempt(text, 1)
+    # Each attempt continued at its checkpoint's step: steps before the first resume were
+    # logged once (a restart from step 0 would log them again), and every step was logged.
+    logged = [int(r["step"]) for r in _metrics(run_dir) if r.get("train/sft_examples")]
+    assert sorted(set(logged)) == list(range(steps)), logged
+    assert all(logged.count(s) == 1 for s in range(first)), logged
+    lasts = run_dir.glob("csv/version_*/checkpoints/last.ckpt")
+    final = max(lasts, key=lambda p: p.stat().st_mtime)
+    assert _ckpt_step(final) == steps
