@@ -68,7 +68,9 @@ class InnerConfig:
             the level of the whole step loss with the step's parameters passed explicitly, so
             the recompute sees the same weights; never transformers' own gradient
             checkpointing, which recomputes with the module's own parameters). ``func``
-            backend only.
+            backend only. Exact (float64 tests: identical rewards), but with the whole SFT on
+            the tape the double backward keeps each step's recomputed activations alive, so the
+            measured peak barely moves (``benchmarks/README.md``); ``replay`` bounds memory.
     """
 
     optim: InnerOptimConfig = field(default_factory=InnerOptimConfig)
@@ -156,9 +158,7 @@ def inner_order(n: int, batch_size: int, shuffle: bool, seed: int) -> list[Tenso
     return list(perm.split(batch_size))
 
 
-def _batch_loss(
-    forward, data: SFTData, idx: Tensor, eps: Tensor, autocast: str = "none"
-) -> Tensor:
+def _batch_loss(forward, data: SFTData, idx: Tensor, eps: Tensor, autocast: str = "none") -> Tensor:
     """This rank's part of a step loss; ``-1`` in ``idx`` marks other ranks' examples.
 
     The divisor is the global batch size ``len(idx)``, so summing the ranks' gradients gives
@@ -217,9 +217,7 @@ def _func_sft(target, data, eps, phi, cfg, order, names, create_graph, grad_redu
 def _higher_sft(target, data, eps, phi, cfg, order, names, create_graph, grad_reduce=None):
     chosen = set(names)
     named = list(target.named_parameters())
-    opt = cfg.optim.torch_class()(
-        [p for n, p in named if n in chosen], **cfg.optim.torch_kwargs()
-    )
+    opt = cfg.optim.torch_class()([p for n, p in named if n in chosen], **cfg.optim.torch_kwargs())
     fmodel = higher.monkeypatch(target, copy_initial_weights=True, track_higher_grads=create_graph)
     fmodel.update_params([p.detach().requires_grad_(n in chosen) for n, p in named])
     higher_compat.patch_module_lists(fmodel)

@@ -148,12 +148,21 @@ class DPGModule(L.LightningModule):
         data = data.to(self.device)
         world = world_info()
         plan = plan_sft(
-            len(data), self.inner.batch_size, self.inner.shuffle,
-            self.seed * 1_000_003 + self.global_step, self.distributed, world,
+            len(data),
+            self.inner.batch_size,
+            self.inner.shuffle,
+            self.seed * 1_000_003 + self.global_step,
+            self.distributed,
+            world,
         )
         if self.reward == "dpg":
             rewards, phi, losses = metagradient_rewards(
-                self.target, data, self.metric, self.inner, plan.order, times=times,
+                self.target,
+                data,
+                self.metric,
+                self.inner,
+                plan.order,
+                times=times,
                 grad_reduce=plan.grad_reduce,
             )
         else:
@@ -168,10 +177,13 @@ class DPGModule(L.LightningModule):
         phis = all_gather_cat(phi.reshape(1).to(rewards.dtype), world)
         out = {"texts": rollout.texts, "prompts": rollout.prompts, "rewards": rewards.cpu()}
         self.log_dict(
-            {"train/phi_after_sft": phi.float(), "train/inner_loss_first": losses[0].float(),
-             "train/inner_loss_last": losses[-1].float(),
-             "train/sft_examples": float(plan.num_examples),
-             "train/phi_rank_spread": (phis.max() - phis.min()).float()},
+            {
+                "train/phi_after_sft": phi.float(),
+                "train/inner_loss_first": losses[0].float(),
+                "train/inner_loss_last": losses[-1].float(),
+                "train/sft_examples": float(plan.num_examples),
+                "train/phi_rank_spread": (phis.max() - phis.min()).float(),
+            },
             batch_size=len(batch),
         )
         if not torch.isfinite(all_rewards).all():
@@ -189,8 +201,10 @@ class DPGModule(L.LightningModule):
         if self.reward == "dpg":
             shared = self.distributed == "shared" and world.distributed
             advantages = compute_advantages(
-                all_rewards if shared else rewards, self.sampling.samples_per_prompt,
-                self.policy.baseline, self.policy.scale_rewards,
+                all_rewards if shared else rewards,
+                self.sampling.samples_per_prompt,
+                self.policy.baseline,
+                self.policy.scale_rewards,
             )
             if shared:  # this rank's share of the global batch's advantages
                 advantages = advantages.view(world.world_size, -1)[world.rank]
@@ -209,7 +223,9 @@ class DPGModule(L.LightningModule):
             },
             batch_size=len(batch),
         )
-        self.log("reward", rewards.mean().float(), prog_bar=True, logger=False, batch_size=len(batch))
+        self.log(
+            "reward", rewards.mean().float(), prog_bar=True, logger=False, batch_size=len(batch)
+        )
         self.log("phi", phi.float(), prog_bar=True, logger=False, batch_size=len(batch))
         out["advantages"] = advantages.cpu()
         return out
@@ -252,13 +268,20 @@ class DPGModule(L.LightningModule):
                 sel = slice(None) if rows is None else rows
                 logp = completion_logprobs(self.generator, rollout, temp, rows=rows)
                 loss, s = policy_loss(
-                    logp, old[sel], advantages[sel], rollout.completion_mask[sel], p.epsilon,
-                    ref[sel] if ref is not None else None, p.beta,
+                    logp,
+                    old[sel],
+                    advantages[sel],
+                    rollout.completion_mask[sel],
+                    p.epsilon,
+                    ref[sel] if ref is not None else None,
+                    p.beta,
                 )
                 opt.zero_grad()
                 self.manual_backward(loss)
                 if p.max_grad_norm:
-                    self.clip_gradients(opt, gradient_clip_val=p.max_grad_norm, gradient_clip_algorithm="norm")
+                    self.clip_gradients(
+                        opt, gradient_clip_val=p.max_grad_norm, gradient_clip_algorithm="norm"
+                    )
                 opt.step()
                 stats["policy_loss"].append(loss.detach())
                 for k, v in s.items():
@@ -278,7 +301,9 @@ class DPGModule(L.LightningModule):
             torch.manual_seed(self.seed + 12345)
             rollout = sample_rollout(self.generator, self.gen_tokenizer, prompts, self.sampling)
         data = tokenize_examples(rollout.texts, self.target_tokenizer, self.inner.max_length)
-        order = inner_order(len(data), min(self.inner.batch_size, len(data)), self.inner.shuffle, self.seed)
+        order = inner_order(
+            len(data), min(self.inner.batch_size, len(data)), self.inner.shuffle, self.seed
+        )
         readout: dict[str, float] = {}
 
         def phi_and_readout(target):
@@ -287,23 +312,30 @@ class DPGModule(L.LightningModule):
             return value
 
         eps = torch.ones(len(data), device=self.device)
-        phi, _ = run_sft(self.target, data.to(self.device), eps, phi_and_readout, self.inner, order, False)
-        return {"val/phi": float(phi.detach()), "val/phi_initial": self.phi_initial,
-                **{f"val/{k}": v for k, v in readout.items()}}
+        phi, _ = run_sft(
+            self.target, data.to(self.device), eps, phi_and_readout, self.inner, order, False
+        )
+        return {
+            "val/phi": float(phi.detach()),
+            "val/phi_initial": self.phi_initial,
+            **{f"val/{k}": v for k, v in readout.items()},
+        }
 
     def validation_step(self, batch: list[str], batch_idx: int) -> None:
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
-                "validation runs a (plain) SFT and needs autograd: set `trainer.inference_mode: false`"
+                "validation runs a (plain) SFT and needs autograd: "
+                "set `trainer.inference_mode: false`"
             )
         self.log_dict(self.evaluate(batch), batch_size=len(batch))
 
     def on_train_start(self) -> None:
-        """Log validation Phi at step 0, so every run's curve starts from the untrained generator."""
+        """Log validation Phi at step 0: every run's curve starts at the untrained generator."""
         dm = getattr(self.trainer, "datamodule", None)
-        if self.global_step == 0 and dm is not None and self.logger is not None:
-            prompts = next(iter(dm.val_dataloader()))
-            self.logger.log_metrics(self.evaluate(prompts), step=0)
+        if self.global_step == 0 and dm is not None and self.loggers:
+            metrics = self.evaluate(next(iter(dm.val_dataloader())))
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=0)
 
 
 def _check_settings(sampling: SamplingConfig, policy: PolicyConfig, reward: str) -> None:
@@ -321,7 +353,8 @@ def _check_settings(sampling: SamplingConfig, policy: PolicyConfig, reward: str)
         warnings.warn(
             "`policy.baseline: group` with `sampling.samples_per_prompt: 1` gives every example "
             "zero advantage (nothing to compare within a group): nothing will be learned. "
-            "Raise samples_per_prompt or use baseline: batch_mean | leave_one_out"
+            "Raise samples_per_prompt or use baseline: batch_mean | leave_one_out",
+            stacklevel=3,
         )
 
 
