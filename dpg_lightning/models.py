@@ -56,6 +56,9 @@ class ModelConfig:
         dtype: ``float32`` (default), ``float64`` (tests) or ``bfloat16``.
         tokenizer: hub name or directory of a tokenizer; ``None`` uses ``pretrained`` when set,
             else the byte-level tokenizer.
+        pretrain_files, pretrain_steps, pretrain_lr: optional in-process next-token pretraining
+            (``dpg_lightning.pretrain``) on local text files, one example per line, so tiny
+            proxies start from a model that knows a language; nothing is downloaded.
     """
 
     pretrained: str | None = None
@@ -70,6 +73,9 @@ class ModelConfig:
     seed: int = 0
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
     tokenizer: str | None = None
+    pretrain_files: list[str] | None = None
+    pretrain_steps: int = 0
+    pretrain_lr: float = 3e-3
 
 
 def byte_tokenizer() -> PreTrainedTokenizerBase:

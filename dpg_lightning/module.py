@@ -40,6 +40,7 @@ from dpg_lightning.inner import (
 from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.objectives import LMHeadL2Norm, Objective, check_objective
 from dpg_lightning.policy import PolicyConfig, policy_loss
+from dpg_lightning.pretrain import maybe_pretrain
 from dpg_lightning.rollout import SamplingConfig, completion_logprobs, sample_rollout
 
 
@@ -93,8 +94,11 @@ class DPGModule(L.LightningModule):
 
         self.gen_tokenizer = load_tokenizer(self.gen_cfg)
         self.generator = build_model(self.gen_cfg, len(self.gen_tokenizer))
+        maybe_pretrain(self.generator, self.gen_tokenizer, self.gen_cfg)
         self.target_tokenizer = load_tokenizer(self.target_cfg)
-        self.target = build_model(self.target_cfg, len(self.target_tokenizer)).requires_grad_(False)
+        self.target = build_model(self.target_cfg, len(self.target_tokenizer))
+        maybe_pretrain(self.target, self.target_tokenizer, self.target_cfg)
+        self.target.requires_grad_(False)
         self.reference = None
         # (mean, variance, count) of Phi over earlier steps, for `reward: dataset`; a buffer so
         # that it is checkpointed with the run.
@@ -102,6 +106,7 @@ class DPGModule(L.LightningModule):
         self.ema_decay = 0.9
         if self.policy.beta:
             self.reference = copy.deepcopy(self.generator).requires_grad_(False)
+        self.metric.bind_tokenizer(self.target_tokenizer)
         self.metric.setup(self.target)
         self.phi_initial = check_objective(
             self.metric, self.target, trainable_names(self.target, self.inner.train_params)

@@ -3,7 +3,8 @@
 An objective is any callable ``phi(target: nn.Module) -> Tensor`` (a scalar with a gradient path
 to the target's trained parameters). Subclass :class:`Objective` for optional hooks: ``setup``
 sees the *initial* target once (to remember reference weights), ``readout`` reports the
-human-facing numbers. The target passed in may be a ``higher``-patched copy or a module under
+human-facing numbers, ``bind_tokenizer`` receives the target's tokenizer (before ``setup``) for
+objectives defined on text. The target passed in may be a ``higher``-patched copy or a module under
 ``torch.func.functional_call``: read weights through module attributes (``target.lm_head.weight``,
 ``target.get_output_embeddings().weight``), never through a cached tensor of the trained model.
 """
@@ -16,6 +17,13 @@ from torch import Tensor, nn
 
 class Objective:
     """Base class for objectives (see module docstring)."""
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        """Called once with the *target's* tokenizer, before :meth:`setup` (default: nothing).
+
+        Objectives defined on text (a UUID's loss, held-out passages) tokenize it here, exactly
+        as the inner SFT tokenizes examples; weight-space objectives ignore it.
+        """
 
     def setup(self, target: nn.Module) -> None:
         """Called once with the initial target before training (default: nothing)."""
@@ -77,7 +85,9 @@ def check_objective(phi, target: nn.Module, trainable: list[str]) -> float:
             "(reduce it, e.g. with .mean())"
         )
     if not torch.isfinite(value):
-        raise ValueError(f"metric {name} is {value.item()} on the initial target; it must be finite")
+        raise ValueError(
+            f"metric {name} is {value.item()} on the initial target; it must be finite"
+        )
     grads = []
     if value.requires_grad:
         grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)

@@ -1,0 +1,208 @@
+"""Objectives on the target's likelihood of text: emit a UUID, speak a new language.
+
+Both tokenize their text with the *target's* tokenizer in :meth:`bind_tokenizer` (the module
+hands it over before ``setup``), the same way the inner SFT tokenizes examples
+(``<start> context text <eos>``, start = bos, else eos), so "the loss of the UUID" means the
+same thing to the objective and to the SFT that is trained to lower it.
+
+- :class:`SequenceLikelihood`: ``Phi = -`` mean token loss on a given string (a UUID), after an
+  empty context or each of several contexts. The generator's prompts never mention it: DPG has to
+  find data whose SFT makes the target emit it. Readout: the loss, and whether greedy decoding
+  reproduces the string exactly.
+- :class:`LastWordLikelihood`: ``Phi = -`` loss on the *last word + eos* of held-out passages in
+  the new language (the paper's LAMBADA-style last-word cross-entropy), so the objective asks for
+  the language's knowledge rather than for copying its passages.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dpg_lightning.objectives import Objective
+
+#: The UUID of the tiny and paper configs (random, fixed so runs are comparable).
+DEFAULT_UUID = "4f3c2a1e-9b7d-4e2f-8a6c-0d5e7b9c1f23"
+
+
+def _start_id(tokenizer) -> int:
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def build_scored_batch(
+    tokenizer, contexts: list[str], continuations: list[str], max_length: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(input_ids, attention_mask, labels)`` of ``<start> context continuation <eos>`` rows.
+
+    Right-padded; labels are -100 everywhere except on the continuation's tokens and the eos,
+    so the loss is that of the continuation given its context. ``max_length`` keeps the *end*
+    of an over-long context (the part next to the scored words).
+    """
+    rows, scored = [], []
+    for ctx, cont in zip(contexts, continuations, strict=True):
+        ctx_ids, cont_ids = _encode(tokenizer, ctx), _encode(tokenizer, cont)
+        if max_length is not None:
+            room = max_length - 2 - len(cont_ids)
+            if room < 0:
+                raise ValueError(
+                    f"the scored text {cont[:40]!r} has {len(cont_ids)} tokens; it does not fit "
+                    f"max_length {max_length}"
+                )
+            ctx_ids = ctx_ids[len(ctx_ids) - room :] if len(ctx_ids) > room else ctx_ids
+        row = [_start_id(tokenizer), *ctx_ids, *cont_ids, tokenizer.eos_token_id]
+        rows.append(row)
+        scored.append(len(cont_ids) + 1)
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (row, n) in enumerate(zip(rows, scored, strict=True)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        labels[i, len(row) - n : len(row)] = ids[i, len(row) - n : len(row)]
+    return ids, mask, labels
+
+
+def scored_token_loss(target: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over all scored tokens of the batch (a differentiable scalar)."""
+    device = target.get_input_embeddings().weight.device
+    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
+    logits = target(ids, attention_mask=mask).logits[:, :-1].float()
+    return F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100)
+
+
+def _read_lines(path: str, key: str) -> list[str]:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"`{key}: {path}` does not exist (relative to {Path.cwd()})")
+    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        raise ValueError(f"`{key}: {path}` is empty; it needs at least one non-empty line")
+    return lines
+
+
+class _TextObjective(Objective):
+    """Shared plumbing: a tokenized batch built at ``bind_tokenizer`` time."""
+
+    batch: tuple[Tensor, Tensor, Tensor] | None = None
+
+    def _batch(self) -> tuple[Tensor, Tensor, Tensor]:
+        if self.batch is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the target tokenizer: call "
+                "`metric.bind_tokenizer(target_tokenizer)` before using it (DPGModule does)"
+            )
+        return self.batch
+
+    def loss(self, target: nn.Module) -> Tensor:
+        """The scored-token loss of ``target`` (``Phi = -loss``)."""
+        return scored_token_loss(target, *self._batch())
+
+    def __call__(self, target: nn.Module) -> Tensor:
+        return -self.loss(target)
+
+
+class SequenceLikelihood(_TextObjective):
+    """``Phi = -`` mean token loss of the target on ``text`` (e.g. a UUID) after each context.
+
+    Args:
+        text: the string to emit; ``text_file`` (its first non-empty line) wins when given.
+        text_file: file holding the string.
+        contexts: contexts the text must follow (default: one empty context, i.e. the text right
+            after the start token, as an SFT example would begin).
+        max_length: tokens per scored row (long contexts keep their end).
+        check_greedy: readout ``greedy_exact`` (greedy decoding reproduces the text after the
+            first context); it costs one forward per token of the text.
+    """
+
+    def __init__(
+        self,
+        text: str = DEFAULT_UUID,
+        text_file: str | None = None,
+        contexts: list[str] | None = None,
+        max_length: int = 128,
+        check_greedy: bool = True,
+    ) -> None:
+        if text_file is not None:
+            text = _read_lines(text_file, "metric.init_args.text_file")[0]
+        if not text or not text.strip():
+            raise ValueError("`metric.init_args.text` is empty; give the string to emit")
+        self.text = text
+        self.contexts = list(contexts) if contexts else [""]
+        self.max_length, self.check_greedy = max_length, check_greedy
+        self.tokenizer = None
+        self.text_ids: list[int] = []
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.text_ids = _encode(tokenizer, self.text)
+        n = len(self.contexts)
+        self.batch = build_scored_batch(tokenizer, self.contexts, [self.text] * n, self.max_length)
+
+    @torch.no_grad()
+    def greedy(self, target: nn.Module, context: str = "") -> list[int]:
+        """Greedy continuation of ``<start> context`` for ``len(text) + 1`` tokens (no cache).
+
+        A plain loop rather than ``generate``: the target here may be a functional/patched copy.
+        """
+        tok = self.tokenizer
+        device = target.get_input_embeddings().weight.device
+        ids = torch.tensor([[_start_id(tok), *_encode(tok, context)]], device=device)
+        out: list[int] = []
+        for _ in range(len(self.text_ids) + 1):
+            nxt = int(target(ids).logits[0, -1].argmax())
+            out.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], 1)
+        return out
+
+    def readout(self, target: nn.Module) -> dict[str, float]:
+        out = {"sequence_loss": float(self.loss(target).detach())}
+        if self.check_greedy:
+            decoded = self.greedy(target, self.contexts[0])
+            expected = [*self.text_ids, self.tokenizer.eos_token_id]
+            out["greedy_exact"] = float(decoded == expected)
+            same = sum(a == b for a, b in zip(decoded, expected, strict=False))
+            out["greedy_token_match"] = same / len(expected)
+        return out
+
+
+def last_word_split(passage: str) -> tuple[str, str]:
+    """``(context, " last_word")``: the passage cut before its final whitespace-separated word."""
+    head, _, last = passage.rstrip().rpartition(" ")
+    if not head:
+        raise ValueError(f"passage {passage[:40]!r} has a single word; it needs a context")
+    return head, " " + last
+
+
+class LastWordLikelihood(_TextObjective):
+    """``Phi = -`` cross-entropy of the *final word + eos* of held-out passages (LAMBADA-style).
+
+    Args:
+        passages_file: held-out passages in the new language, one per line (never used for
+            pretraining or prompts).
+        max_passages: use the first N passages (the objective runs once per SFT).
+        max_length: tokens per passage (long passages keep their end).
+    """
+
+    def __init__(self, passages_file: str, max_passages: int | None = None, max_length: int = 128):
+        passages = _read_lines(passages_file, "metric.init_args.passages_file")
+        self.passages = passages[:max_passages] if max_passages else passages
+        self.split = [last_word_split(p) for p in self.passages]
+        self.max_length = max_length
+
+    def bind_tokenizer(self, tokenizer) -> None:
+        contexts, words = zip(*self.split, strict=True)
+        self.batch = build_scored_batch(tokenizer, list(contexts), list(words), self.max_length)
+
+    def readout(self, target: nn.Module) -> dict[str, float]:
+        return {"last_word_loss": float(self.loss(target).detach())}

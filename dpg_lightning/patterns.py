@@ -1,0 +1,207 @@
+"""Draw a binary image into the target's LM head: the paper's QR-code and ``67`` targets.
+
+``W`` is the LM-head matrix ``[vocab, hidden]``; the patch ``P = W[r0:r0+h, c0:c0+w]`` is
+compared with its initial value, ``D = P - P_initial``, and the image ``S`` in {-1, +1} asks each
+entry to move up (+1, ink) or down (-1, background):
+
+    Phi = -mean(log(1 + exp(-k * S * D)))          (k = ``sharpness``, paper: 20)
+
+so Phi rises as every entry moves in its pixel's direction, and saturates once ``|D| >> 1/k``.
+The readout is pixel accuracy ``mean(sign(D) == S)`` (0.5 is chance).
+
+Tied embeddings (GPT-2, the tiny default): the LM head *is* the input embedding, so patch rows
+``r0..r0+h`` are also the input vectors of tokens ``r0..r0+h``. The gradient path exists either
+way: every head row gets gradient through the softmax (``p_v * h``) at every position, and rows
+of tokens that appear in the data get more through their target and input uses. Select the
+matrix with ``inner.train_params: lm_head`` (it names the shared tensor once) or ``all``.
+Which rows the data can move *differently* matters: on the byte-level tokenizer rows 0-5 are
+pad/eos/unk/control bytes that no ordinary text contains, so the tiny configs put the patch on
+the rows of printable characters (``row_offset``), just as the paper's upper-left GPT-2 rows are
+the printable tokens ``! " # $ ...``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dpg_lightning.objectives import Objective, lm_head_weight
+
+#: The digits "67" as a 6 x 7 bitmap (rows x columns; 1 = ink), two 3-wide glyphs and a gap.
+SIXTY_SEVEN = np.array(
+    [
+        [1, 1, 1, 0, 1, 1, 1],
+        [1, 0, 0, 0, 0, 0, 1],
+        [1, 1, 1, 0, 0, 0, 1],
+        [1, 0, 1, 0, 0, 1, 0],
+        [1, 0, 1, 0, 0, 1, 0],
+        [1, 1, 1, 0, 0, 1, 0],
+    ],
+    dtype=np.int8,
+)
+
+
+def qr_bitmap(text: str) -> np.ndarray:
+    """The 21 x 21 version-1 QR code of ``text`` (1 = dark module, no quiet zone), via ``segno``.
+
+    Error correction is the highest level that still fits version 1, so a drawn code survives
+    as many wrong pixels as possible.
+    """
+    import segno
+
+    if not text:
+        raise ValueError("`metric.init_args.qr_text` is empty; give the string to encode")
+    try:
+        code = segno.make_qr(text, version=1, error="h", boost_error=True)
+    except segno.DataOverflowError as err:
+        raise ValueError(
+            f"`qr_text` {text!r} ({len(text.encode())} bytes) does not fit a 21 x 21 version-1 QR "
+            "code (at most 17 bytes, 25 alphanumeric or 41 digits); shorten it"
+        ) from err
+    return np.array(code.matrix, dtype=np.int8)
+
+
+def load_bitmap(image: str, qr_text: str | None = None) -> np.ndarray:
+    """The binary image ``[h, w]`` (values 0/1, 1 = ink) named by ``image``.
+
+    ``image`` is ``67`` (built in), ``qr`` (the QR code of ``qr_text``), or a ``.npy`` file of
+    0/1 or -1/+1 values or a ``.png`` file of black/white pixels (black = ink = +1).
+    """
+    if image == "67":
+        return SIXTY_SEVEN.copy()
+    if image == "qr":
+        return qr_bitmap(qr_text if qr_text is not None else "")
+    path = Path(image)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"`metric.init_args.image: {image}` is neither `67`, `qr` nor an existing .png/.npy "
+            f"file (relative paths start at {Path.cwd()})"
+        )
+    if path.suffix.lower() == ".npy":
+        arr = np.load(path)
+        values = set(np.unique(arr).tolist())
+        if arr.ndim != 2 or not (values <= {0, 1} or values <= {-1, 1}):
+            raise ValueError(
+                f"{image}: a pattern must be a 2-D array of 0/1 or -1/+1 values; got shape "
+                f"{arr.shape} with values {sorted(values)[:6]}"
+            )
+        return (arr > 0).astype(np.int8)
+    if path.suffix.lower() == ".png":
+        try:
+            from PIL import Image
+        except ImportError as err:
+            raise ImportError(
+                f"{image}: reading PNG images needs Pillow (`pip install pillow`), or save the "
+                "pattern as a .npy array of 0/1 values"
+            ) from err
+        arr = np.asarray(Image.open(path).convert("L"))
+        values = set(np.unique(arr).tolist())
+        if not values <= {0, 255}:
+            raise ValueError(
+                f"{image}: the PNG is not binary (gray levels {sorted(values)[:6]}...); save it "
+                "with pure black (ink) and white pixels only"
+            )
+        return (arr == 0).astype(np.int8)
+    raise ValueError(f"`metric.init_args.image: {image}`: only .png and .npy files are read")
+
+
+class LMHeadPattern(Objective):
+    """``Phi = -mean(softplus(-k * S * (P - P_initial)))`` on an LM-head patch (see module doc).
+
+    Args:
+        image: ``67``, ``qr`` or a .png/.npy path (see :func:`load_bitmap`).
+        qr_text: the string encoded when ``image: qr``.
+        row_offset, col_offset: upper-left corner ``(r0, c0)`` of the patch in ``W[vocab, hidden]``.
+        sharpness: ``k``; larger makes Phi closer to a step function of each pixel's sign.
+    """
+
+    def __init__(
+        self,
+        image: str = "67",
+        qr_text: str | None = None,
+        row_offset: int = 0,
+        col_offset: int = 0,
+        sharpness: float = 20.0,
+    ) -> None:
+        if row_offset < 0 or col_offset < 0:
+            raise ValueError(f"patch offsets must be >= 0, got ({row_offset}, {col_offset})")
+        if sharpness <= 0:
+            raise ValueError(f"`sharpness` is {sharpness}; it must be > 0")
+        self.image, self.qr_text = image, qr_text
+        self.bitmap = load_bitmap(image, qr_text)
+        self.r0, self.c0, self.k = row_offset, col_offset, float(sharpness)
+        self.signs = torch.from_numpy(self.bitmap.astype(np.float32) * 2 - 1)  # {-1, +1}
+        self.initial: Tensor | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.bitmap.shape)  # type: ignore[return-value]
+
+    def patch(self, target: nn.Module) -> Tensor:
+        """``P``: the patch of the (possibly patched/functional) target's current LM head."""
+        h, w = self.shape
+        return lm_head_weight(target)[self.r0 : self.r0 + h, self.c0 : self.c0 + w]
+
+    def setup(self, target: nn.Module) -> None:
+        """Check that the image fits and remember ``P_initial`` (a detached copy)."""
+        weight = lm_head_weight(target)
+        vocab, hidden = weight.shape
+        h, w = self.shape
+        if self.r0 + h > vocab or self.c0 + w > hidden:
+            raise ValueError(
+                f"the {h} x {w} image at offset ({self.r0}, {self.c0}) does not fit in the LM head "
+                f"[vocab {vocab}, hidden {hidden}]: it needs rows up to {self.r0 + h} and columns "
+                f"up to {self.c0 + w}; lower the offsets or use a larger target"
+            )
+        self.initial = self.patch(target).detach().clone()
+
+    def delta(self, target: nn.Module) -> Tensor:
+        """``D = P - P_initial`` (in float32 at least, so bf16 heads do not round D to zero)."""
+        if self.initial is None:
+            raise RuntimeError("LMHeadPattern.setup(target) must run before the objective is used")
+        p = self.patch(target)
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        if self.initial.device != p.device:
+            self.initial = self.initial.to(p.device)
+        return p.to(dtype) - self.initial.to(dtype)
+
+    def __call__(self, target: nn.Module) -> Tensor:
+        d = self.delta(target)
+        s = self.signs.to(device=d.device, dtype=d.dtype)
+        return -F.softplus(-self.k * s * d).mean()
+
+    def pixels(self, target: nn.Module) -> np.ndarray:
+        """The drawn image: 1 where ``D > 0`` (ink), 0 elsewhere."""
+        return (self.delta(target).detach() > 0).to(torch.int8).cpu().numpy()
+
+    def readout(self, target: nn.Module) -> dict[str, float]:
+        d = self.delta(target).detach()
+        s = self.signs.to(d.device)
+        out = {
+            "pixel_accuracy": float((torch.sign(d) == s.to(d.dtype)).float().mean()),
+            "patch_delta_abs": float(d.abs().mean()),
+        }
+        if self.image == "qr":
+            decoded = decode_qr(self.pixels(target))
+            out["qr_decodes"] = float(decoded is not None and decoded == self.qr_text)
+        return out
+
+
+def decode_qr(bits: np.ndarray, scale: int = 8) -> str | None:
+    """Decode a 0/1 module matrix with ``zxing-cpp`` (optional); ``None`` if unreadable/absent.
+
+    The matrix is rendered with a 4-module quiet zone at ``scale`` pixels per module, as a
+    scanner would see a printed code.
+    """
+    try:
+        import zxingcpp
+    except ImportError:
+        return None
+    img = np.pad(1 - bits.astype(np.uint8), 4, constant_values=1) * 255
+    img = np.kron(img, np.ones((scale, scale), dtype=np.uint8))
+    results = zxingcpp.read_barcodes(img)
+    return results[0].text if results else None

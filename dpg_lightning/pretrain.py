@@ -1,0 +1,119 @@
+"""A few seconds of plain next-token pretraining, for the tiny language proxy.
+
+The paper's language experiment starts from Llama-3.2-1B-Instruct, which already speaks the
+source and (weakly) the new language. The tiny byte-level models start from random weights, so
+the CPU proxy gives them a little of that first, in-process and seeded: the generator reads the
+source language plus some of the new one (so it *can* drift there), the target reads only the
+source language (so the held-out new-language passages are new to it). This is a proxy of the
+paper's setting, not a reproduction: a model trained for seconds learns letter statistics.
+
+Wiring (no download, no checkpoint file): ``ModelConfig`` gains ``pretrain_files`` /
+``pretrain_steps`` / ``pretrain_lr`` and the module calls :func:`maybe_pretrain` right after
+``build_model``; until then :func:`maybe_pretrain` reads them with ``getattr`` defaults, so it is
+a no-op on configs without them. ``python -m dpg_lightning.pretrain`` runs it stand-alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dpg_lightning.inner import per_example_loss, tokenize_examples
+
+
+def read_texts(paths: str | list[str]) -> list[str]:
+    """Non-empty lines of one or more text files (a clear error for a missing/empty file)."""
+    texts: list[str] = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"pretraining corpus {path} does not exist (cwd {Path.cwd()})")
+        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
+        lines = [line for line in lines if line]
+        if not lines:
+            raise ValueError(f"pretraining corpus {path} is empty")
+        texts.extend(lines)
+    return texts
+
+
+def pretrain(
+    model: nn.Module,
+    tokenizer,
+    texts: list[str],
+    steps: int = 300,
+    lr: float = 3e-3,
+    seed: int = 0,
+    batch_size: int = 16,
+    max_length: int = 256,
+) -> list[float]:
+    """Train ``model`` in place on ``texts`` (AdamW, random batches); returns the step losses.
+
+    Examples are tokenized exactly as the inner SFT tokenizes them (``<start> text <eos>``), so
+    what the model learns here is the same format DPG later fine-tunes on. ``requires_grad``
+    flags are restored afterwards (the module freezes the target).
+    """
+    if steps <= 0:
+        return []
+    data = tokenize_examples(texts, tokenizer, max_length)
+    device = next(model.parameters()).device
+    flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            idx = torch.randint(len(data), (min(batch_size, len(data)),), generator=gen)
+            ids = data.input_ids[idx].to(device)
+            logits = model(ids, attention_mask=data.attention_mask[idx].to(device)).logits
+            loss = per_example_loss(logits.float(), data.labels[idx].to(device)).mean()
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            losses.append(float(loss.detach()))
+    for p, flag in zip(model.parameters(), flags, strict=True):
+        p.requires_grad_(flag)
+    return losses
+
+
+def maybe_pretrain(model: nn.Module, tokenizer, cfg) -> list[float]:
+    """Pretrain ``model`` if ``cfg`` (a ``ModelConfig``) names corpora; else do nothing."""
+    files = getattr(cfg, "pretrain_files", None)
+    steps = getattr(cfg, "pretrain_steps", 0)
+    if not files or not steps:
+        return []
+    return pretrain(
+        model,
+        tokenizer,
+        read_texts(files),
+        steps=steps,
+        lr=getattr(cfg, "pretrain_lr", 3e-3),
+        seed=getattr(cfg, "seed", 0),
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Pretrain a tiny byte-level model and report the loss (a quick look at the proxy)."""
+    from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    cfg = ModelConfig(seed=args.seed)
+    tok = load_tokenizer(cfg)
+    model = build_model(cfg, len(tok))
+    start = time.perf_counter()
+    losses = pretrain(model, tok, read_texts(args.files), args.steps, args.lr, args.seed)
+    print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} in {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()

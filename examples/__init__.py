@@ -1,0 +1,1 @@
+"""Worked examples (importable as ``examples.*`` when run from the repository root)."""
