@@ -5,11 +5,28 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dpg_lightning.inner import run_sft
 from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
 
 # Tiny models gain nothing from intra-op threads, and on a loaded 2-core box two threads per
 # test process were seen to be ~50x slower than one.
 torch.set_num_threads(1)
+
+
+TEXTS = ["hello world", "abc", "the cat sat", "zz top", "qwerty!", "a"]
+
+
+def finite_difference_rewards(target, data, phi, cfg, order, h=1e-5):
+    """Central differences of Phi(SFT(eps)) per example, re-running the real (plain) SFT."""
+    out = []
+    for i in range(len(data)):
+        values = []
+        for sign in (1.0, -1.0):
+            eps = torch.ones(len(data), dtype=torch.float64)
+            eps[i] += sign * h
+            values.append(run_sft(target, data, eps, phi, cfg, order, create_graph=False)[0])
+        out.append((values[0] - values[1]) / (2 * h))
+    return torch.stack(out).detach()
 
 
 @pytest.fixture(scope="session")

@@ -27,9 +27,8 @@ from dpg_lightning.inner import (
 )
 from dpg_lightning.objectives import LMHeadL2Norm
 from dpg_lightning.optim import InnerOptimConfig
-from tests.conftest import tiny
+from tests.conftest import TEXTS, tiny
 
-TEXTS = ["hello world", "abc", "the cat sat", "zz top", "qwerty!", "a"]
 OPTIMS = {
     "sgd": InnerOptimConfig("sgd", lr=0.5),
     "adam": InnerOptimConfig("adam", lr=1e-2, eps_root=1e-8, weight_decay=0.01),

@@ -17,31 +17,17 @@ from dpg_lightning.inner import (
     InnerConfig,
     inner_order,
     metagradient_rewards,
-    run_sft,
     tokenize_examples,
 )
 from dpg_lightning.objectives import LMHeadL2Norm
 from dpg_lightning.optim import InnerOptimConfig
-from tests.conftest import tiny
+from tests.conftest import TEXTS, finite_difference_rewards, tiny
 
-TEXTS = ["hello world", "abc", "the cat sat", "zz top", "qwerty!", "a"]
 OPTIMS = {
     "sgd": InnerOptimConfig("sgd", lr=0.5),
     "adam": InnerOptimConfig("adam", lr=1e-2, eps_root=1e-8, weight_decay=0.01),
     "adamw": InnerOptimConfig("adamw", lr=1e-2, eps_root=1e-8, weight_decay=0.1),
 }
-
-
-def finite_difference_rewards(target, data, phi, cfg, order, h=1e-5):
-    out = []
-    for i in range(len(data)):
-        values = []
-        for sign in (1.0, -1.0):
-            eps = torch.ones(len(data), dtype=torch.float64)
-            eps[i] += sign * h
-            values.append(run_sft(target, data, eps, phi, cfg, order, create_graph=False)[0])
-        out.append((values[0] - values[1]) / (2 * h))
-    return torch.stack(out).detach()
 
 
 @pytest.mark.parametrize("optim", OPTIMS)

@@ -19,13 +19,12 @@ from dpg_lightning.inner import (
     InnerConfig,
     inner_order,
     metagradient_rewards,
-    run_sft,
     tokenize_examples,
 )
 from dpg_lightning.objectives import LMHeadL2Norm
 from dpg_lightning.optim import InnerOptimConfig
 from dpg_lightning.replay import ReplayConfig, check_replay_storage, checkpoint_steps
-from tests.conftest import tiny
+from tests.conftest import finite_difference_rewards, tiny
 
 TEXTS = ["hello world", "abc", "the cat sat", "zz top", "qwerty!", "a", "dpg", "x y"]
 OPTIMS = {
@@ -88,16 +87,7 @@ def test_replay_matches_finite_differences(tokenizer, float64_llama, tmp_path):
     rcfg = ReplayConfig(checkpoint="sqrt", storage="disk", directory=str(tmp_path))
     cfg = InnerConfig(optim=OPTIMS["adam"], batch_size=1, backend="replay", replay=rcfg)
     rewards, _, _ = metagradient_rewards(target, data, phi, cfg, order)
-    h = 1e-5
-    fd = []
-    for i in range(len(data)):
-        values = []
-        for sign in (1.0, -1.0):
-            eps = torch.ones(len(data), dtype=torch.float64)
-            eps[i] += sign * h
-            values.append(run_sft(target, data, eps, phi, cfg, order, create_graph=False)[0])
-        fd.append((values[0] - values[1]) / (2 * h))
-    fd = torch.stack(fd).detach()
+    fd = finite_difference_rewards(target, data, phi, cfg, order)
     assert ((rewards - fd).abs() / fd.abs()).max() < 1e-4
 
 
