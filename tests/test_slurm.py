@@ -149,7 +149,9 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     """Requeued twice: by ``scontrol requeue`` (a hard kill: resumes from last.ckpt), then by
     SIGUSR1 as Slurm sends it before the time limit (checkpoint between steps on all ranks,
     hpc_ckpt_1.ckpt, auto-requeue). Each attempt continues where the last one stopped."""
-    steps = 24
+    # Long enough that neither attempt finishes before the test interrupts it (a tiny step
+    # takes well under a second on an idle machine).
+    steps = 200
     job, run_dir, log = _submit(tmp_path, _slurm_config(tmp_path, steps))
 
     def checkpoints() -> list[Path]:
