@@ -17,26 +17,18 @@ from __future__ import annotations
 import hashlib
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
+from dpg_lightning.textfiles import read_lines
+
 
 def read_prompts(path: str, key: str = "data.prompt_file") -> list[str]:
-    """Non-empty lines of ``path`` (``\\n`` inside a prompt may be written as a literal ``\\n``)."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"`{key}: {path}` does not exist (relative paths start at {Path.cwd()}); "
-            "point it at a text file with one prompt per line"
-        )
-    prompts = [line.replace("\\n", "\n") for line in file.read_text().splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"`{key}: {path}` has no prompts; write one prompt per line")
-    return prompts
+    """Prompts, one per line (a literal ``\\n`` inside a prompt stands for a newline)."""
+    return [line.replace("\\n", "\n") for line in read_lines(path, key, "prompt")]
 
 
 class PromptStream(IterableDataset):

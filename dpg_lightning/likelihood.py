@@ -16,13 +16,12 @@ same thing to the objective and to the SFT that is trained to lower it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpg_lightning.objectives import Objective
+from dpg_lightning.textfiles import read_lines
 
 #: The UUID of the tiny and paper configs (random, fixed so runs are comparable).
 DEFAULT_UUID = "4f3c2a1e-9b7d-4e2f-8a6c-0d5e7b9c1f23"
@@ -79,14 +78,7 @@ def scored_token_loss(target: nn.Module, ids: Tensor, mask: Tensor, labels: Tens
 
 
 def _read_lines(path: str, key: str) -> list[str]:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"`{key}: {path}` does not exist (relative to {Path.cwd()})")
-    lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
-    lines = [line for line in lines if line]
-    if not lines:
-        raise ValueError(f"`{key}: {path}` is empty; it needs at least one non-empty line")
-    return lines
+    return [line.strip() for line in read_lines(path, key)]
 
 
 class _TextObjective(Objective):

@@ -17,27 +17,18 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from dpg_lightning.inner import per_example_loss, tokenize_examples
+from dpg_lightning.textfiles import read_lines
 
 
 def read_texts(paths: str | list[str]) -> list[str]:
-    """Non-empty lines of one or more text files (a clear error for a missing/empty file)."""
-    texts: list[str] = []
-    for path in [paths] if isinstance(paths, str) else paths:
-        file = Path(path)
-        if not file.is_file():
-            raise FileNotFoundError(f"pretraining corpus {path} does not exist (cwd {Path.cwd()})")
-        lines = [line.strip() for line in file.read_text(encoding="utf-8").splitlines()]
-        lines = [line for line in lines if line]
-        if not lines:
-            raise ValueError(f"pretraining corpus {path} is empty")
-        texts.extend(lines)
-    return texts
+    """Non-empty, stripped lines of one or more corpora (one example per line)."""
+    files = [paths] if isinstance(paths, str) else paths
+    return [line.strip() for path in files for line in read_lines(path, "pretrain_files")]
 
 
 def pretrain(
