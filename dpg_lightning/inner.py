@@ -172,11 +172,9 @@ def _batch_loss(forward, data: SFTData, idx: Tensor, eps: Tensor, autocast: str 
     weight = eps[local]
     if len(local) == 0:
         local, weight = idx.new_zeros(1), eps[:1] * 0
-    if autocast == "bf16":
-        device_type = data.input_ids.device.type
-        with torch.autocast(device_type=device_type, dtype=torch.bfloat16):
-            logits = forward(data.input_ids[local], data.attention_mask[local]).logits
-    else:
+    device_type = data.input_ids.device.type
+    bf16 = autocast == "bf16"
+    with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
         logits = forward(data.input_ids[local], data.attention_mask[local]).logits
     losses = per_example_loss(logits.to(eps.dtype), data.labels[local])
     return (weight * losses).sum() / len(idx)
