@@ -40,14 +40,21 @@ import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
-from metagrad_cost import GPT2_VOCAB, MALLOC_ENV, SIZES, _mib, _peak, make_data, measure
-from torch import Tensor, nn
+from metagrad_cost import (
+    GPT2_VOCAB,
+    MALLOC_ENV,
+    SIZES,
+    HeldOutLoss,
+    _mib,
+    _peak,
+    make_data,
+    measure,
+)
 
 from dpg_lightning.inner import (
     InnerConfig,
     inner_order,
     metagradient_rewards,
-    per_example_loss,
     run_sft,
     trainable_names,
 )
@@ -105,17 +112,6 @@ def knobs(arch: str, num_layers: int) -> list[Knob]:
         Knob("activation ckpt", activation_checkpointing=True),
         Knob("bf16 + ckpt", autocast="bf16", activation_checkpointing=True),
     ]
-
-
-class HeldOutLoss:
-    """``Phi = -mean token loss`` on a fixed batch: depends on every parameter of the target."""
-
-    def __init__(self, ids: Tensor, mask: Tensor, labels: Tensor) -> None:
-        self.ids, self.mask, self.labels = ids, mask, labels
-
-    def __call__(self, target: nn.Module) -> Tensor:
-        logits = target(self.ids, attention_mask=self.mask).logits
-        return -per_example_loss(logits.float(), self.labels).mean()
 
 
 def run(args: argparse.Namespace) -> list[Row]:

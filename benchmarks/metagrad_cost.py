@@ -45,11 +45,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+from torch import Tensor, nn
 
 from dpg_lightning.inner import (
     InnerConfig,
     inner_order,
     metagradient_rewards,
+    per_example_loss,
     run_sft,
     tokenize_examples,
 )
@@ -93,6 +95,7 @@ class Row:
     higher_peak: int | None = None
     replay_peak: int | None = None
     rel_diff: float | None = None
+    weight_bytes: int = 0  # the target's own weights, live before every call
 
 
 def _status(key: str) -> int | None:
@@ -149,6 +152,31 @@ def measure(fn: Callable[[], object], device: torch.device, memory: bool) -> Run
     return Run(cpu, wall, peak, out)
 
 
+class HeldOutLoss:
+    """``Phi = -mean token loss`` on a fixed batch: depends on every parameter of the target."""
+
+    def __init__(self, ids: Tensor, mask: Tensor, labels: Tensor) -> None:
+        self.ids, self.mask, self.labels = ids, mask, labels
+
+    def __call__(self, target: nn.Module) -> Tensor:
+        logits = target(self.ids, attention_mask=self.mask).logits
+        return -per_example_loss(logits.float(), self.labels).mean()
+
+
+def make_phi(name: str, tokenizer, chars: int, device: torch.device):
+    """``head_norm``: ``-||W_lmhead||`` (reads the head only); ``loss``: :class:`HeldOutLoss`.
+
+    The choice matters for memory at 1 inner step: the adjoint ``dPhi/dparams`` that the
+    reverse pass carries is then only as dense as ``Phi``'s own gradient (one matrix for
+    ``head_norm``), while from 2 steps on it is dense in every trained parameter whatever
+    ``Phi`` is. ``loss`` makes the 1-step peak representative of longer loops.
+    """
+    if name == "head_norm":
+        return LMHeadL2Norm()
+    held = make_data(tokenizer, 4, chars, seed=10**6).to(device)
+    return HeldOutLoss(held.input_ids, held.attention_mask, held.labels)
+
+
 def make_data(tokenizer, n: int, chars: int, seed: int):
     """``n`` random lowercase strings of ``chars`` bytes (byte tokenizer: chars + 2 tokens)."""
     rng = random.Random(seed)
@@ -181,12 +209,14 @@ def run_size(args: argparse.Namespace, size: str, steps: list[int]) -> list[Row]
     n_params = sum(p.numel() for p in target.parameters())
     print(
         f"\n## {size}: GPT-2 shaped, {n_params / 1e6:.1f}M parameters, {args.dtype}, "
-        f"optimizer {args.optim}, batch {args.batch_size} x {args.chars + 2} tokens",
+        f"optimizer {args.optim}, batch {args.batch_size} x {args.chars + 2} tokens, "
+        f"Phi {args.phi}",
         flush=True,
     )
     print(HEADER, flush=True)
     optim = InnerOptimConfig(args.optim, lr=1e-4, eps_root=1e-8 if args.optim != "sgd" else 0.0)
-    phi = LMHeadL2Norm()
+    phi = make_phi(args.phi, tokenizer, args.chars, device)
+    weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
     repeats = args.repeats or (3 if size == "tiny" else 2)
     if args.measure == "memory":
         repeats = 1
@@ -250,6 +280,7 @@ def run_size(args: argparse.Namespace, size: str, steps: list[int]) -> list[Row]
             higher_peak=_peak(runs, "higher"),
             replay_peak=_peak(runs, "replay"),
             rel_diff=rel,
+            weight_bytes=weight_bytes,
         )
         rows.append(row)
         print(format_row(row), flush=True)
@@ -288,7 +319,12 @@ def format_row(r: Row) -> str:
 
 
 def memory_summary(rows: list[Row]) -> list[str]:
-    """Peak at the most steps over peak at the fewest, per size and backend."""
+    """Peak at the most steps over peak at the fewest, per size and backend.
+
+    Two readings of "peak": the extra memory of the call alone, and the call's extra plus the
+    target's own weights (what a GPU's ``max_memory_allocated`` shows for a process that holds
+    only the target).
+    """
     out = []
     for size in dict.fromkeys(r.size for r in rows):
         rs = [r for r in rows if r.size == size]
@@ -302,10 +338,18 @@ def memory_summary(rows: list[Row]) -> list[str]:
             if len(hs) > 1
             else "higher n/a"
         )
+        w = first.weight_bytes
         out.append(
             f"{size}: peak({last.steps} steps) / peak({first.steps} step): "
-            f"replay {_ratio(last.replay_peak, first.replay_peak)}x, {h}"
+            f"replay {_ratio(last.replay_peak, first.replay_peak)}x extra, "
+            f"{_ratio(last.replay_peak + w, first.replay_peak + w)}x with the weights "
+            f"({_mib(w)} MiB), {h}"
         )
+        if len(rs) > 2 and rs[1].replay_peak:
+            out.append(
+                f"{size}: replay peak({last.steps}) / peak({rs[1].steps}): "
+                f"{_ratio(last.replay_peak, rs[1].replay_peak)}x extra"
+            )
     return out
 
 
@@ -322,6 +366,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="comma-separated inner steps (default: tiny/small 1,4,16,64; gpt2 1,2)",
     )
     p.add_argument("--optim", choices=["sgd", "adam", "adamw"], default="adam")
+    p.add_argument(
+        "--phi",
+        choices=["head_norm", "loss"],
+        default="head_norm",
+        help="metric: -||W_lmhead|| or -held-out loss (dense adjoint already at 1 step)",
+    )
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--chars", type=int, default=30, help="bytes per example (tokens = chars + 2)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")

@@ -43,7 +43,7 @@ class _DifferentiableTorchOptim(higher.optim.DifferentiableOptimizer):
             params = group["params"]
             slot = self.state[group_idx]
             if "functional" not in slot:
-                slot["functional"] = init_state(params)
+                slot["functional"] = init_state(params, cfg)
             state: OptimState = slot["functional"]
             group["params"], slot["functional"] = optimizer_step(params, grads, state, cfg)
 

@@ -180,10 +180,14 @@ def _batch_loss(forward, data: SFTData, idx: Tensor, eps: Tensor, autocast: str 
     return (weight * losses).sum() / len(idx)
 
 
+def _detach(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
 def _func_sft(target, data, eps, phi, cfg, order, names, create_graph, grad_reduce=None):
     named = dict(target.named_parameters())
     params = [named[n].detach().requires_grad_() for n in names]
-    state = init_state(params)
+    state = init_state(params, cfg.optim)
     losses = []
     for idx in order:
         current = dict(zip(names, params))
@@ -205,8 +209,8 @@ def _func_sft(target, data, eps, phi, cfg, order, names, create_graph, grad_redu
         params, state = optimizer_step(params, list(grads), state, cfg.optim)
         if not create_graph:
             params = [p.detach().requires_grad_() for p in params]
-            state.exp_avg = [t.detach() for t in state.exp_avg]
-            state.exp_avg_sq = [t.detach() for t in state.exp_avg_sq]
+            state.exp_avg = [_detach(t) for t in state.exp_avg]
+            state.exp_avg_sq = [_detach(t) for t in state.exp_avg_sq]
         losses.append(loss.detach())
     final = {f"target.{n}": p for n, p in zip(names, params)}
     return torch.func.functional_call(MetricOnTarget(target, phi), final, ()), losses

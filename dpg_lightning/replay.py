@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from dpg_lightning.objectives import MetricOnTarget
-from dpg_lightning.optim import InnerOptimConfig, OptimState, init_state, optimizer_step
+from dpg_lightning.optim import OptimState, init_state, optimizer_step, used_slots
 
 if TYPE_CHECKING:
     from dpg_lightning.inner import InnerConfig, SFTData
@@ -93,16 +93,6 @@ def checkpoint_steps(cfg: ReplayConfig, n_steps: int) -> list[int]:
     return list(range(0, n_steps, k))
 
 
-def _slots(optim: InnerOptimConfig) -> tuple[bool, bool]:
-    """Which optimizer-state lists the update reads: (exp_avg / momentum, exp_avg_sq).
-
-    Inactive lists stay zero forever, so they are neither saved nor given an adjoint.
-    """
-    if optim.name == "sgd":
-        return bool(optim.momentum), False
-    return True, True
-
-
 def _human(n_bytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n_bytes < 1024 or unit == "TiB":
@@ -138,7 +128,7 @@ def check_replay_storage(cfg: InnerConfig, target: nn.Module, n_steps: int) -> i
     named = dict(target.named_parameters())
     chosen = [named[n] for n in trainable_names(target, cfg.train_params)]
     param_bytes = sum(p.numel() * p.element_size() for p in chosen)
-    per_state = param_bytes * (1 + sum(_slots(cfg.optim)))
+    per_state = param_bytes * (1 + sum(used_slots(cfg.optim)))
     segment = saved[1] - saved[0] if len(saved) > 1 else n_steps
     stored = per_state * len(saved)
     buffered = per_state * (segment - 1)
@@ -266,9 +256,9 @@ def _pack(params: list[Tensor], state: OptimState, slots: tuple[bool, bool]) -> 
 
 def _unpack(payload: dict, device: torch.device) -> tuple[list[Tensor], OptimState]:
     params = [p.to(device) for p in payload["params"]]
-    zeros = [torch.zeros_like(p) for p in params]
-    m = [t.to(device) for t in payload["m"]] if payload["m"] is not None else zeros
-    v = [t.to(device) for t in payload["v"]] if payload["v"] is not None else zeros
+    unused = [None] * len(params)  # lists the update never reads (see ``init_state``)
+    m = [t.to(device) for t in payload["m"]] if payload["m"] is not None else unused
+    v = [t.to(device) for t in payload["v"]] if payload["v"] is not None else unused
     return params, OptimState(payload["step"], m, v)
 
 
@@ -310,30 +300,32 @@ def _reverse_step(target, data, idx, params, state, names, optim, slots, adjoint
 
     adj_p, adj_m, adj_v = adjoint
     p_in = [p.detach().requires_grad_() for p in params]
-    m_in = [m.detach().requires_grad_(slots[0]) for m in state.exp_avg]
-    v_in = [v.detach().requires_grad_(slots[1]) for v in state.exp_avg_sq]
+    m_in = [m.detach().requires_grad_() if slots[0] else None for m in state.exp_avg]
+    v_in = [v.detach().requires_grad_() if slots[1] else None for v in state.exp_avg_sq]
     eps = torch.ones_like(eps_like, requires_grad=True)
     loss = _batch_loss(_forward_fn(target, names, p_in), data, idx, eps)
-    grads = torch.autograd.grad(loss, p_in, create_graph=True, allow_unused=True)
-    p_out, s_out = optimizer_step(p_in, list(grads), OptimState(state.step, m_in, v_in), optim)
+    grads = list(torch.autograd.grad(loss, p_in, create_graph=True, allow_unused=True))
 
-    # Contract the outputs with their adjoints into one scalar as they are produced, so each
-    # output's buffer is freed once its product is summed instead of living through the
-    # backward; d(sum(out * adj))/d(out) = adj exactly, so the result is unchanged.
-    pairs = [(p_out, adj_p)]
-    if slots[0]:
-        pairs.append((s_out.exp_avg, adj_m))
-    if slots[1]:
-        pairs.append((s_out.exp_avg_sq, adj_v))
-    del p_out, s_out, grads
+    # Update and contract one parameter at a time, each output with its adjoint into one
+    # scalar (d(out . adj)/d(out) = adj exactly, so the result is unchanged): only one
+    # parameter's updated copy exists at a time instead of a whole second set of weights,
+    # and each gradient's buffer is released as soon as autograd no longer needs it.
     total = None
-    for outs, adjs in pairs:
-        for j, adj in enumerate(adjs):
-            out, outs[j] = outs[j], None
+    for j, p in enumerate(p_in):
+        g, grads[j] = grads[j], None
+        one = OptimState(state.step, [m_in[j]], [v_in[j]])
+        (out_p,), out_s = optimizer_step([p], [g], one, optim)
+        outs = [(out_p, adj_p[j])]
+        if slots[0]:
+            outs.append((out_s.exp_avg[0], adj_m[j]))
+        if slots[1]:
+            outs.append((out_s.exp_avg_sq[0], adj_v[j]))
+        del g, out_p, out_s
+        for out, adj in outs:
             if adj is not None and out.requires_grad:
-                term = (out * adj).sum()
+                term = torch.dot(out.reshape(-1), adj.reshape(-1))
                 total = term if total is None else total + term
-    del pairs, out
+        del outs, out
     n = len(p_in)
     if total is None:  # nothing downstream depends on this step's output
         return (([None] * n, [None] * n, [None] * n)), None
@@ -370,7 +362,7 @@ def replay_rewards(
     n_steps = len(order)
     check_replay_storage(cfg, target, n_steps)
     rcfg, optim = cfg.replay, cfg.optim
-    slots = _slots(optim)
+    slots = used_slots(optim)
     saved = checkpoint_steps(rcfg, n_steps)
     names = trainable_names(target, cfg.train_params)
     device = next(target.parameters()).device
@@ -384,7 +376,7 @@ def replay_rewards(
         with torch.enable_grad():
             named = dict(target.named_parameters())
             params = [named[n].detach() for n in names]
-            state = init_state(params)
+            state = init_state(params, optim)
             losses = []
             saved_set = set(saved)
             for t, idx in enumerate(order):
@@ -402,10 +394,16 @@ def replay_rewards(
                 (),
             )
             adj_p = list(torch.autograd.grad(value, final, allow_unused=True))
+            # ``value``'s graph ends in the leaves ``final``: detach it, or the final weights
+            # stay referenced (and in memory) through the whole reverse pass.
+            value = value.detach()
             del params, state, final
             middle = time.perf_counter()
 
+            # The adjoint lives only in ``adjoint`` (rebound every step): a second name for
+            # the first one would keep a parameter-sized copy alive through the whole pass.
             adjoint = (adj_p, [None] * len(names), [None] * len(names))
+            del adj_p
             rewards = torch.zeros_like(ones)
             bounds = saved[1:] + [n_steps]
             for begin, end in zip(reversed(saved), reversed(bounds), strict=True):

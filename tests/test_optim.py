@@ -72,3 +72,29 @@ def test_higher_uses_our_differentiable_adam(cfg):
             ref_opt.step()
         for mine, theirs in zip(fmodel.parameters(), ref.parameters()):
             torch.testing.assert_close(mine.detach(), theirs.detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "slots"),
+    [
+        (InnerOptimConfig("sgd"), (False, False)),
+        (InnerOptimConfig("sgd", momentum=0.9), (True, False)),
+        (InnerOptimConfig("adam"), (True, True)),
+        (InnerOptimConfig("adamw"), (True, True)),
+    ],
+    ids=["sgd", "sgd-momentum", "adam", "adamw"],
+)
+def test_state_holds_only_the_buffers_the_update_reads(cfg, slots):
+    """Plain SGD allocates no moment buffers (two parameter-sized copies saved per SFT), and
+    the steps taken from that sparse state still match ``torch.optim``."""
+    init = [torch.randn(3, 4, dtype=torch.float64)]
+    state = init_state(init, cfg)
+    assert [state.exp_avg[0] is not None, state.exp_avg_sq[0] is not None] == list(slots)
+    ref = [p.clone().requires_grad_() for p in init]
+    opt = cfg.torch_class()(ref, **cfg.torch_kwargs())
+    params = [p.clone() for p in init]
+    for grads in _grads(3, [(3, 4)]):
+        ref[0].grad = grads[0].clone()
+        opt.step()
+        params, state = optimizer_step(params, grads, state, cfg)
+    torch.testing.assert_close(params[0], ref[0].detach(), rtol=1e-12, atol=1e-12)

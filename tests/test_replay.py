@@ -150,3 +150,45 @@ def test_full_disk_fails_with_the_estimate(tmp_path, monkeypatch):
     # sqrt(96) -> 10 stored states (+ a 9-state host buffer) fit in the same space.
     cfg.replay.checkpoint = "sqrt"
     assert check_replay_storage(cfg, target, 96) == n_params * 8 * 3 * (10 + 9)
+
+
+def _live_tensors(shape: torch.Size) -> dict[int, torch.Tensor]:
+    """Live tensors shaped like ``shape``, by storage address (one entry per distinct buffer)."""
+    import gc
+
+    gc.collect()
+    return {
+        obj.untyped_storage().data_ptr(): obj
+        for obj in gc.get_objects()
+        if isinstance(obj, torch.Tensor) and obj.shape == shape and obj.numel()
+    }
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_reverse_pass_holds_one_state_and_one_adjoint(optim, tokenizer, monkeypatch, tmp_path):
+    """Memory that does not grow with T means: entering every reverse step, the only copies of
+    a weight are the replayed state and the adjoint (plus Adam's two moments and their two
+    adjoints), never an earlier step's adjoint or the final weights kept by a stale graph.
+    Checkpoints on disk, so the store itself holds no tensor."""
+    target = tiny("gpt2")
+    weight = target.get_output_embeddings().weight
+    data = tokenize_examples(TEXTS, tokenizer, 16)
+    order = inner_order(len(data), 2, False, 0)  # 4 inner steps
+    # Buffers alive before the call (the weight itself, other tests' leftovers) are held here,
+    # so their addresses cannot be reused, and left out of the counts.
+    before = _live_tensors(weight.shape)
+    seen: list[int] = []
+    inner_step = replay._reverse_step
+
+    def counting(*args, **kwargs):
+        seen.append(len(_live_tensors(weight.shape).keys() - before.keys()))
+        return inner_step(*args, **kwargs)
+
+    monkeypatch.setattr(replay, "_reverse_step", counting)
+    replay_cfg = ReplayConfig(storage="disk", directory=str(tmp_path))
+    cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="replay", replay=replay_cfg)
+    metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+    # Replayed state: weights (+ Adam's exp_avg, exp_avg_sq). Adjoint: of the weights only
+    # entering the last step (Phi reads no moment), of the whole state after that.
+    state = 1 if optim == "sgd" else 3
+    assert seen == [state + 1] + [2 * state] * (len(order) - 1), seen
