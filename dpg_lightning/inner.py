@@ -240,8 +240,12 @@ def _higher_sft(target, data, eps, phi, cfg, order, names, create_graph, grad_re
     return phi(fmodel), losses
 
 
-def _check_knobs(cfg: InnerConfig) -> None:
-    """Refuse memory knobs on a backend that would silently ignore them."""
+def check_inner_config(cfg: InnerConfig) -> None:
+    """Refuse memory knobs on a backend that would silently ignore them.
+
+    ``DPGModule`` calls this at construction (before any model is built or pretrained); the
+    SFT entry points call it again, since they are also used without the module.
+    """
     if cfg.activation_checkpointing and cfg.backend != "func":
         raise ValueError(
             f"`inner.activation_checkpointing: true` is implemented for `inner.backend: func` "
@@ -273,7 +277,7 @@ def run_sft(
     for validation and the dataset-level reward. ``grad_reduce`` (shared SFT across ranks) must
     SUM the ranks' step gradients; the returned losses are then the global step losses.
     """
-    _check_knobs(cfg)
+    check_inner_config(cfg)
     names = trainable_names(target, cfg.train_params)
     backend = _higher_sft if (create_graph and cfg.backend == "higher") else _func_sft
     with torch.enable_grad():
@@ -305,7 +309,7 @@ def metagradient_rewards(
             "`inner.backend: replay` does not support the shared multi-rank SFT; use "
             "`inner.backend: higher | func` or `model.distributed: independent`"
         )
-    _check_knobs(cfg)
+    check_inner_config(cfg)
     if cfg.backend == "replay":
         from dpg_lightning.replay import replay_rewards
 

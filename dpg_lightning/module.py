@@ -30,6 +30,7 @@ from dpg_lightning.distributed import (
 )
 from dpg_lightning.inner import (
     InnerConfig,
+    check_inner_config,
     dataset_reward,
     inner_order,
     metagradient_rewards,
@@ -91,6 +92,7 @@ class DPGModule(L.LightningModule):
             raise ValueError(f"`model.distributed` is {distributed!r}; use shared | independent")
         self.distributed = distributed
         _check_settings(self.sampling, self.policy, reward)
+        check_inner_config(self.inner)
 
         self.gen_tokenizer = load_tokenizer(self.gen_cfg)
         self.generator = build_model(self.gen_cfg, len(self.gen_tokenizer))

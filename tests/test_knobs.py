@@ -124,6 +124,18 @@ def test_activation_checkpointing_refused_where_not_implemented(backend, tokeniz
         metagradient_rewards(target, data, LMHeadL2Norm(), cfg, inner_order(6, 2, False, 0))
 
 
+def test_module_refuses_an_ignored_knob_before_building_models(monkeypatch):
+    """The error comes at construction, before models are built or pretrained."""
+    from dpg_lightning import module
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("models were built before the config was checked")
+
+    monkeypatch.setattr(module, "build_model", no_build)
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        module.DPGModule(inner=InnerConfig(backend="higher", activation_checkpointing=True))
+
+
 def test_autocast_refused_on_replay(tokenizer):
     target = tiny(dtype="float32")
     data = tokenize_examples(TEXTS, tokenizer, 32)
