@@ -6,7 +6,8 @@ not fit. This backend computes the very same ``r_i = dPhi/deps_i`` by reverse-mo
 differentiation *one step at a time*:
 
 1. Forward: plain SFT with no graph kept across steps, saving (trainable parameters, optimizer
-   state) before some steps (the checkpoint policy) to CPU memory or to disk.
+   state) before some steps (the checkpoint policy) to CPU memory or to disk. The state before
+   step 0 is never saved: it is the target's own weights and zero moments.
 2. ``dPhi/dparams`` at the trained parameters (the adjoint of the last state).
 3. Reverse: for t = T-1 .. 0, reload (or recompute from the nearest earlier checkpoint) the state
    before step t, rebuild *that step's* graph (``functional_call`` + ``autograd.grad(
@@ -130,10 +131,10 @@ def check_replay_storage(cfg: InnerConfig, target: nn.Module, n_steps: int) -> i
     param_bytes = sum(p.numel() * p.element_size() for p in chosen)
     per_state = param_bytes * (1 + sum(used_slots(cfg.optim)))
     segment = saved[1] - saved[0] if len(saved) > 1 else n_steps
-    stored = per_state * len(saved)
+    stored = per_state * (len(saved) - 1)  # the state before step 0 is never stored
     buffered = per_state * (segment - 1)
     what = (
-        f"{len(saved)} checkpoint(s) of {_human(per_state)} (trainable parameters + "
+        f"{len(saved) - 1} checkpoint(s) of {_human(per_state)} (trainable parameters + "
         f"{cfg.optim.name} state) for {n_steps} inner steps, policy `{rcfg.checkpoint}`"
     )
     if rcfg.storage == "disk":
@@ -378,7 +379,9 @@ def replay_rewards(
             params = [named[n].detach() for n in names]
             state = init_state(params, optim)
             losses = []
-            saved_set = set(saved)
+            # The state before step 0 is the target's own weights (never modified: the SFT
+            # is functional) and zero moments: rebuilt, not stored.
+            saved_set = set(saved) - {0}
             for t, idx in enumerate(order):
                 if t in saved_set:
                     store.put(t, params, state)
@@ -407,7 +410,11 @@ def replay_rewards(
             rewards = torch.zeros_like(ones)
             bounds = saved[1:] + [n_steps]
             for begin, end in zip(reversed(saved), reversed(bounds), strict=True):
-                params, state = store.pop(begin, device)
+                if begin == 0:
+                    params = [named[n].detach() for n in names]
+                    state = init_state(params, optim)
+                else:
+                    params, state = store.pop(begin, device)
                 if end - begin == 1:  # nothing to recompute: use the loaded state directly
                     segment = [(params, state)]
                 else:

@@ -126,7 +126,7 @@ def test_unwritable_directory_fails_before_the_run(tokenizer, tmp_path, monkeypa
         raise AssertionError("the SFT started before the storage check")
 
     monkeypatch.setattr(replay, "_plain_step", no_sft)
-    with pytest.raises(ValueError, match=r"not writable.*needs about .*4 checkpoint"):
+    with pytest.raises(ValueError, match=r"not writable.*needs about .*3 checkpoint"):
         metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
 
 
@@ -139,17 +139,18 @@ def test_full_disk_fails_with_the_estimate(tmp_path, monkeypatch):
     )
     n_params = sum(p.numel() for p in target.parameters())
     expected = check_replay_storage(cfg, target, 96)
-    assert expected == n_params * 8 * 3 * 96  # float64 params + Adam m and v, 96 states
+    # float64 params + Adam m and v, 95 stored states (the one before step 0 is the target's)
+    assert expected == n_params * 8 * 3 * 95
 
     class Usage:
         free = expected // 2
 
     monkeypatch.setattr(replay.shutil, "disk_usage", lambda path: Usage)
-    with pytest.raises(ValueError, match=r"free but .* needs about .*96 checkpoint"):
+    with pytest.raises(ValueError, match=r"free but .* needs about .*95 checkpoint"):
         check_replay_storage(cfg, target, 96)
-    # sqrt(96) -> 10 stored states (+ a 9-state host buffer) fit in the same space.
+    # sqrt(96) -> 10 checkpoints, 9 stored (+ a 9-state host buffer) fit in the same space.
     cfg.replay.checkpoint = "sqrt"
-    assert check_replay_storage(cfg, target, 96) == n_params * 8 * 3 * (10 + 9)
+    assert check_replay_storage(cfg, target, 96) == n_params * 8 * 3 * (9 + 9)
 
 
 def _live_tensors(shape: torch.Size) -> dict[int, torch.Tensor]:
@@ -189,6 +190,7 @@ def test_reverse_pass_holds_one_state_and_one_adjoint(optim, tokenizer, monkeypa
     cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="replay", replay=replay_cfg)
     metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
     # Replayed state: weights (+ Adam's exp_avg, exp_avg_sq). Adjoint: of the weights only
-    # entering the last step (Phi reads no moment), of the whole state after that.
+    # entering the last step (Phi reads no moment), of the whole state after that. Before
+    # step 0 the weights are the target's own (counted in ``before``): one copy fewer.
     state = 1 if optim == "sgd" else 3
-    assert seen == [state + 1] + [2 * state] * (len(order) - 1), seen
+    assert seen == [state + 1] + [2 * state] * (len(order) - 2) + [2 * state - 1], seen
