@@ -288,8 +288,12 @@ def _plain_step(target, data, eps, idx, params, state, names, optim):
     return new_params, new_state, loss.detach()
 
 
-def _reverse_step(target, data, idx, params, state, names, optim, slots, adjoint, eps_like, first):
-    """Pull ``adjoint`` = (dPhi/dparams, dPhi/dm, dPhi/dv) after step back to before it.
+def _reverse_step(target, data, idx, params, state, names, optim, slots, box, eps_like, first):
+    """Pull the adjoint (dPhi/dparams, dPhi/dm, dPhi/dv) after step back to before it.
+
+    The adjoint comes in ``box`` (a one-item list, emptied here) so that the caller holds no
+    reference to it: once autograd has used it, its memory is released during the backward
+    instead of living next to the new adjoint until this step returns.
 
     Rebuilds only this step's graph: the parameter gradient is taken with ``create_graph`` so
     the update is differentiable in the parameters (Hessian-vector product), the moments and
@@ -299,7 +303,7 @@ def _reverse_step(target, data, idx, params, state, names, optim, slots, adjoint
     """
     from dpg_lightning.inner import _batch_loss
 
-    adj_p, adj_m, adj_v = adjoint
+    adj_p, adj_m, adj_v = box.pop()
     p_in = [p.detach().requires_grad_() for p in params]
     m_in = [m.detach().requires_grad_() if slots[0] else None for m in state.exp_avg]
     v_in = [v.detach().requires_grad_() if slots[1] else None for v in state.exp_avg_sq]
@@ -326,7 +330,8 @@ def _reverse_step(target, data, idx, params, state, names, optim, slots, adjoint
             if adj is not None and out.requires_grad:
                 term = torch.dot(out.reshape(-1), adj.reshape(-1))
                 total = term if total is None else total + term
-        del outs, out
+        del outs, out, adj
+    del adj_p, adj_m, adj_v  # from here on only the graph holds them (see docstring)
     n = len(p_in)
     if total is None:  # nothing downstream depends on this step's output
         return (([None] * n, [None] * n, [None] * n)), None
@@ -430,8 +435,10 @@ def replay_rewards(
                 for t in range(end - 1, begin - 1, -1):
                     item = segment.pop()
                     p_t, s_t = _unpack(item, device) if isinstance(item, dict) else item
+                    box = [adjoint]
+                    del adjoint
                     adjoint, d_eps = _reverse_step(
-                        target, data, order[t], p_t, s_t, names, optim, slots, adjoint, ones, t == 0
+                        target, data, order[t], p_t, s_t, names, optim, slots, box, ones, t == 0
                     )
                     if d_eps is not None:
                         rewards += d_eps
