@@ -7,6 +7,7 @@ import torch
 
 from dpg_lightning.inner import run_sft
 from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
+from dpg_lightning.optim import InnerOptimConfig
 
 # Tiny models gain nothing from intra-op threads, and on a loaded 2-core box two threads per
 # test process were seen to be ~50x slower than one.
@@ -14,6 +15,13 @@ torch.set_num_threads(1)
 
 
 TEXTS = ["hello world", "abc", "the cat sat", "zz top", "qwerty!", "a"]
+#: Inner optimizers the metagradient tests run; files parametrize over the subsets they need.
+OPTIMS = {
+    "sgd": InnerOptimConfig("sgd", lr=0.5),
+    "sgd_momentum": InnerOptimConfig("sgd", lr=0.2, momentum=0.9, weight_decay=0.01),
+    "adam": InnerOptimConfig("adam", lr=1e-2, eps_root=1e-8, weight_decay=0.01),
+    "adamw": InnerOptimConfig("adamw", lr=1e-2, eps_root=1e-8, weight_decay=0.1),
+}
 
 
 def finite_difference_rewards(target, data, phi, cfg, order, h=1e-5):

@@ -26,13 +26,10 @@ from dpg_lightning.inner import (
     tokenize_examples,
 )
 from dpg_lightning.objectives import LMHeadL2Norm
-from dpg_lightning.optim import InnerOptimConfig
+from tests.conftest import OPTIMS as ALL_OPTIMS
 from tests.conftest import TEXTS, tiny
 
-OPTIMS = {
-    "sgd": InnerOptimConfig("sgd", lr=0.5),
-    "adam": InnerOptimConfig("adam", lr=1e-2, eps_root=1e-8, weight_decay=0.01),
-}
+OPTIMS = {k: ALL_OPTIMS[k] for k in ("sgd", "adam")}
 
 
 def _pre_knob_batch_loss(forward, data: SFTData, idx, eps, *_ignored):

@@ -20,14 +20,10 @@ from dpg_lightning.inner import (
     tokenize_examples,
 )
 from dpg_lightning.objectives import LMHeadL2Norm
-from dpg_lightning.optim import InnerOptimConfig
+from tests.conftest import OPTIMS as ALL_OPTIMS
 from tests.conftest import TEXTS, finite_difference_rewards, tiny
 
-OPTIMS = {
-    "sgd": InnerOptimConfig("sgd", lr=0.5),
-    "adam": InnerOptimConfig("adam", lr=1e-2, eps_root=1e-8, weight_decay=0.01),
-    "adamw": InnerOptimConfig("adamw", lr=1e-2, eps_root=1e-8, weight_decay=0.1),
-}
+OPTIMS = {k: ALL_OPTIMS[k] for k in ("sgd", "adam", "adamw")}
 
 
 @pytest.mark.parametrize("optim", OPTIMS)

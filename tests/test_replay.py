@@ -22,17 +22,10 @@ from dpg_lightning.inner import (
     tokenize_examples,
 )
 from dpg_lightning.objectives import LMHeadL2Norm
-from dpg_lightning.optim import InnerOptimConfig
 from dpg_lightning.replay import ReplayConfig, check_replay_storage, checkpoint_steps
-from tests.conftest import finite_difference_rewards, tiny
+from tests.conftest import OPTIMS, finite_difference_rewards, tiny
 
 TEXTS = ["hello world", "abc", "the cat sat", "zz top", "qwerty!", "a", "dpg", "x y"]
-OPTIMS = {
-    "sgd": InnerOptimConfig("sgd", lr=0.5),
-    "sgd_momentum": InnerOptimConfig("sgd", lr=0.2, momentum=0.9, weight_decay=0.01),
-    "adam": InnerOptimConfig("adam", lr=1e-2, eps_root=1e-8, weight_decay=0.01),
-    "adamw": InnerOptimConfig("adamw", lr=1e-2, eps_root=1e-8, weight_decay=0.1),
-}
 POLICIES = [("every", "cpu"), ("every", "disk"), ("every_k", "cpu"), ("every_k", "disk")]
 POLICIES += [("sqrt", "cpu"), ("sqrt", "disk")]
 
