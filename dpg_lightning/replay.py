@@ -6,8 +6,7 @@ not fit. This backend computes the very same ``r_i = dPhi/deps_i`` by reverse-mo
 differentiation *one step at a time*:
 
 1. Forward: plain SFT with no graph kept across steps, saving (trainable parameters, optimizer
-   state) before some steps (the checkpoint policy) to CPU memory or to disk. The state before
-   step 0 is never saved: it is the target's own weights and zero moments.
+   state) before some steps (the checkpoint policy) to CPU memory or to disk.
 2. ``dPhi/dparams`` at the trained parameters (the adjoint of the last state).
 3. Reverse: for t = T-1 .. 0, reload (or recompute from the nearest earlier checkpoint) the state
    before step t, rebuild *that step's* graph (``functional_call`` + ``autograd.grad(
@@ -20,6 +19,15 @@ The math is not re-implemented: the step loss, per-example loss, parameter selec
 update and metric wrapper are imported from :mod:`dpg_lightning.inner`,
 :mod:`dpg_lightning.optim` and :mod:`dpg_lightning.objectives`, so the tests can hold this
 backend to ``higher`` at 1e-6 in float64.
+
+**One working copy of the weights: the target's own.** Both passes update the target's trainable
+parameters *in place* (each step's update is computed one parameter at a time and copied back)
+and reload saved states into them, so no second set of weights ever exists on the device: the
+forward step holds the weights and their gradient, never the old and the new weights at once,
+and a reverse step replays step t in the same tensors that held step t+1. Without this every
+step but the first would need one weight-sized buffer more than the first (the state it
+reloads), which is 475 MiB on a GPT-2-124M target. The price: the state before step 0 is saved
+like any other, and the target is restored from it bit for bit when the call returns or fails.
 
 Checkpointing is done at the level of whole inner steps, never with transformers' gradient
 checkpointing: that recompute runs after ``functional_call`` has restored the module's own
@@ -37,6 +45,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -131,10 +140,10 @@ def check_replay_storage(cfg: InnerConfig, target: nn.Module, n_steps: int) -> i
     param_bytes = sum(p.numel() * p.element_size() for p in chosen)
     per_state = param_bytes * (1 + sum(used_slots(cfg.optim)))
     segment = saved[1] - saved[0] if len(saved) > 1 else n_steps
-    stored = per_state * (len(saved) - 1)  # the state before step 0 is never stored
+    stored = per_state * len(saved)
     buffered = per_state * (segment - 1)
     what = (
-        f"{len(saved) - 1} checkpoint(s) of {_human(per_state)} (trainable parameters + "
+        f"{len(saved)} checkpoint(s) of {_human(per_state)} (trainable parameters + "
         f"{cfg.optim.name} state) for {n_steps} inner steps, policy `{rcfg.checkpoint}`"
     )
     if rcfg.storage == "disk":
@@ -176,91 +185,135 @@ class _Store:
     """Saved training states keyed by step, in host memory or in a private directory on disk.
 
     On disk a state is one raw file: its tensors' bytes back to back, written from and read
-    into the tensors' own memory (no pickling, no staging copy), with shapes and dtypes kept
-    here. ``torch.save`` of hundreds of small tensors cost more than the SFT step on small
-    models, and a staging buffer would double the copy on large ones.
+    back into the working tensors' own memory (no pickling; a staging copy only per tensor and
+    only for accelerator tensors), with shapes and dtypes kept here. ``torch.save`` of hundreds
+    of small tensors cost more than the SFT step on small models.
     """
 
     def __init__(self, cfg: ReplayConfig, slots: tuple[bool, bool]) -> None:
         self.slots = slots
         self.memory: dict[int, dict] = {}
-        self.layout: dict[int, tuple[int, list[int], list[tuple[list[int], torch.dtype]]]] = {}
+        self.steps: dict[int, int] = {}
         self.directory: str | None = None
+        self._pending: Future | None = None
         if cfg.storage == "disk":
             self.directory = tempfile.mkdtemp(prefix="dpg_replay_", dir=cfg.directory or None)
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpg_replay")
 
     def _path(self, t: int) -> str:
         return os.path.join(self.directory, f"state_{t:06d}.bin")
 
     def put(self, t: int, params: list[Tensor], state: OptimState) -> None:
-        payload = _pack(params, state, self.slots)
-        if self.directory is None:
-            self.memory[t] = payload
-            return
-        groups = [payload["params"], payload["m"] or [], payload["v"] or []]
-        tensors = [x for group in groups for x in group]
-        with open(self._path(t), "wb") as f:
-            for x in tensors:
-                f.write(_bytes(x))
-        specs = [(list(x.shape), x.dtype) for x in tensors]
-        self.layout[t] = (payload["step"], [len(g) for g in groups], specs)
+        """Save the state before step ``t`` (a copy: the working tensors change in place).
 
-    def pop(self, t: int, device: torch.device) -> tuple[list[Tensor], OptimState]:
+        On disk the file is written by a background thread, so the write overlaps the next
+        gradient computation, which only reads the tensors; :meth:`wait` must return before
+        anything overwrites them. Accelerator tensors are copied to host memory first.
+        """
         if self.directory is None:
-            return _unpack(self.memory.pop(t), device)
-        step, (n_p, n_m, n_v), specs = self.layout.pop(t)
+            self.memory[t] = _pack(params, state, self.slots)
+            return
+        self.wait()
+        tensors = [
+            x if x.device.type == "cpu" else x.to("cpu")
+            for x in _tensors(params, state, self.slots)
+        ]
+        self.steps[t] = state.step
+        self._pending = self._writer.submit(_write, self._path(t), tensors)
+
+    def wait(self) -> None:
+        """Block until the last :meth:`put` is on disk (re-raising its error, if any)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    def prefetch(self, t: int) -> None:
+        """Ask the OS to start reading the state before step ``t`` into its page cache, so that
+        the later :meth:`load` copies from memory instead of waiting on the disk."""
+        if self.directory is None or t not in self.steps or not hasattr(os, "posix_fadvise"):
+            return
+        fd = os.open(self._path(t), os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
+    def load(
+        self, t: int, params: list[Tensor], state: OptimState, keep: bool = False
+    ) -> OptimState:
+        """Copy the state before step ``t`` into the working ``params``/``state`` (in place);
+        returns the state with its step count. ``keep`` leaves the saved copy in the store."""
+        if self.directory is None:
+            payload = self.memory[t] if keep else self.memory.pop(t)
+            return _copy_into(payload, params, state, self.slots)
+        self.wait()
         path = self._path(t)
-        tensors = []
         with open(path, "rb", buffering=0) as f:
-            for shape, dtype in specs:
-                x = torch.empty(shape, dtype=dtype)
-                view, done = memoryview(_bytes(x)), 0
-                while done < len(view):
-                    got = f.readinto(view[done:])
-                    if not got:
-                        raise RuntimeError(f"replay checkpoint {path} is truncated")
-                    done += got
-                tensors.append(x)
-        os.remove(path)
-        payload = {
-            "step": step,
-            "params": tensors[:n_p],
-            "m": tensors[n_p : n_p + n_m] if n_m else None,
-            "v": tensors[n_p + n_m :] if n_v else None,
-        }
-        return _unpack(payload, device)
+            for x in _tensors(params, state, self.slots):
+                _read_into(f, x, path)
+        if not keep:
+            os.remove(path)
+        step = self.steps[t] if keep else self.steps.pop(t)
+        return OptimState(step, state.exp_avg, state.exp_avg_sq)
 
     def close(self) -> None:
         self.memory.clear()
         if self.directory is not None:
+            self._writer.shutdown(wait=True)  # a write still running must not outlive the files
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def _write(path: str, tensors: list[Tensor]) -> None:
+    with open(path, "wb") as f:
+        for x in tensors:
+            f.write(_bytes(x))
+
+
+def _tensors(params: list[Tensor], state: OptimState, slots: tuple[bool, bool]) -> list[Tensor]:
+    """The tensors a state consists of, in file order (lists the update never reads dropped)."""
+    out = list(params)
+    if slots[0]:
+        out += state.exp_avg
+    if slots[1]:
+        out += state.exp_avg_sq
+    return out
+
+
 def _bytes(x: Tensor):
-    """A host tensor's memory as a writable byte buffer (numpy view, any dtype incl. bf16)."""
-    return x.contiguous().reshape(-1).view(torch.uint8).numpy()
+    """A contiguous host tensor's memory as a writable byte buffer (numpy view, bf16 too)."""
+    return x.detach().reshape(-1).view(torch.uint8).numpy()
+
+
+def _read_into(f, x: Tensor, path: str) -> None:
+    """Fill ``x`` from the file ``f``: straight into its memory when it is a contiguous host
+    tensor, else through a host buffer of this one tensor."""
+    direct = x.device.type == "cpu" and x.is_contiguous()
+    host = x if direct else torch.empty(x.shape, dtype=x.dtype)
+    view, done = memoryview(_bytes(host)), 0
+    while done < len(view):
+        got = f.readinto(view[done:])
+        if not got:
+            raise RuntimeError(f"replay checkpoint {path} is truncated")
+        done += got
+    if not direct:
+        with torch.no_grad():
+            x.copy_(host)
 
 
 def _pack(params: list[Tensor], state: OptimState, slots: tuple[bool, bool]) -> dict:
-    """A state as host tensors; optimizer lists the update never reads (always zero) are dropped.
-
-    Tensors are never updated in place (``optimizer_step`` is functional), so on a CPU run the
-    host copy shares storage with the live tensor instead of cloning it.
-    """
-    return {
-        "step": state.step,
-        "params": [p.detach().to("cpu") for p in params],
-        "m": [m.detach().to("cpu") for m in state.exp_avg] if slots[0] else None,
-        "v": [v.detach().to("cpu") for v in state.exp_avg_sq] if slots[1] else None,
-    }
+    """A host copy of a state (lists the update never reads, always zero, left out)."""
+    copies = [x.detach().to("cpu", copy=True) for x in _tensors(params, state, slots)]
+    return {"step": state.step, "tensors": copies}
 
 
-def _unpack(payload: dict, device: torch.device) -> tuple[list[Tensor], OptimState]:
-    params = [p.to(device) for p in payload["params"]]
-    unused = [None] * len(params)  # lists the update never reads (see ``init_state``)
-    m = [t.to(device) for t in payload["m"]] if payload["m"] is not None else unused
-    v = [t.to(device) for t in payload["v"]] if payload["v"] is not None else unused
-    return params, OptimState(payload["step"], m, v)
+@torch.no_grad()
+def _copy_into(
+    payload: dict, params: list[Tensor], state: OptimState, slots: tuple[bool, bool]
+) -> OptimState:
+    """Copy a :func:`_pack` payload into the working tensors; returns the loaded state."""
+    for src, x in zip(payload["tensors"], _tensors(params, state, slots), strict=True):
+        x.copy_(src)
+    return OptimState(payload["step"], state.exp_avg, state.exp_avg_sq)
 
 
 def _forward_fn(target: nn.Module, names: list[str], params: list[Tensor]):
@@ -274,18 +327,39 @@ def _forward_fn(target: nn.Module, names: list[str], params: list[Tensor]):
     return forward
 
 
-def _plain_step(target, data, eps, idx, params, state, names, optim):
-    """One graph-free SFT step; returns ``(params, state, loss)``."""
+def _plain_step(
+    target, data, eps, idx, params, state, names, optim, slots, wait=None
+) -> tuple[OptimState, Tensor]:
+    """One graph-free SFT step, applied in place to ``params`` and ``state``'s moments.
+
+    The update is the functional :func:`optimizer_step`, one parameter at a time, copied back
+    into the working tensors: bit for bit the same numbers as the out-of-place step, with one
+    parameter's new copy alive at a time instead of a second set of weights. ``wait`` (if
+    given) runs between the gradient and the update: a background save of the state being
+    overwritten must be done by then. Returns the new state (same tensors, step + 1) and the
+    loss.
+    """
     from dpg_lightning.inner import _batch_loss
 
     leaves = [p.detach().requires_grad_() for p in params]
     loss = _batch_loss(_forward_fn(target, names, leaves), data, idx, eps)
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    grads = list(torch.autograd.grad(loss, leaves, allow_unused=True))
+    del leaves
+    if wait is not None:
+        wait()
     with torch.no_grad():
-        new_params, new_state = optimizer_step(
-            [p.detach() for p in leaves], list(grads), state, optim
-        )
-    return new_params, new_state, loss.detach()
+        for j, p in enumerate(params):
+            g, grads[j] = grads[j], None
+            if g is None:
+                continue
+            m, v = state.exp_avg[j], state.exp_avg_sq[j]
+            (new_p,), new = optimizer_step([p], [g], OptimState(state.step, [m], [v]), optim)
+            p.copy_(new_p)
+            if slots[0]:
+                m.copy_(new.exp_avg[0])
+            if slots[1]:
+                v.copy_(new.exp_avg_sq[0])
+    return OptimState(state.step + 1, state.exp_avg, state.exp_avg_sq), loss.detach()
 
 
 def _reverse_step(target, data, idx, params, state, names, optim, slots, box, eps_like, first):
@@ -299,7 +373,8 @@ def _reverse_step(target, data, idx, params, state, names, optim, slots, box, ep
     the update is differentiable in the parameters (Hessian-vector product), the moments and
     this step's ``eps``. Returns ``(adjoint_before, dPhi/deps)``. For the ``first`` step the
     adjoint of the initial state is never used, so only ``dPhi/deps`` is asked of autograd,
-    which then skips the branches that lead only to the parameters.
+    which then skips the branches that lead only to the parameters. ``params``/``state`` are
+    only read (the graph is gone when this returns, so the caller may then overwrite them).
     """
     from dpg_lightning.inner import _batch_loss
 
@@ -360,7 +435,9 @@ def replay_rewards(
     Same signature and result as :func:`dpg_lightning.inner.metagradient_rewards` (which
     dispatches here for ``inner.backend: replay``): ``(rewards, Phi, losses)``, with ``times``
     receiving ``inner_sft`` (forward SFT + checkpointing) and ``attribution`` (reverse pass,
-    including recomputation between checkpoints).
+    including recomputation between checkpoints). The target's trainable parameters are the
+    working copy (see the module docstring) and hold their original values again on return,
+    also when the call raises.
     """
     from dpg_lightning.inner import trainable_names
 
@@ -371,41 +448,46 @@ def replay_rewards(
     slots = used_slots(optim)
     saved = checkpoint_steps(rcfg, n_steps)
     names = trainable_names(target, cfg.train_params)
-    device = next(target.parameters()).device
     dtype = next(target.parameters()).dtype
     if not dtype.is_floating_point or dtype.itemsize < 4:
         dtype = torch.float32
     ones = torch.ones(len(data), dtype=dtype, device=data.input_ids.device)
 
+    named = dict(target.named_parameters())
+    work = [named[n] for n in names]  # updated in place; restored from state 0 at the end
+    state = init_state([p.detach() for p in work], optim)
     store = _Store(rcfg, slots)
+    modified = False
+
+    def before_update() -> None:
+        # The save of the state about to be overwritten must be complete (state 0 included:
+        # it restores the target), and from here on the target's weights need restoring.
+        nonlocal modified
+        store.wait()
+        modified = True
+
     try:
         with torch.enable_grad():
-            named = dict(target.named_parameters())
-            params = [named[n].detach() for n in names]
-            state = init_state(params, optim)
             losses = []
-            # The state before step 0 is the target's own weights (never modified: the SFT
-            # is functional) and zero moments: rebuilt, not stored.
-            saved_set = set(saved) - {0}
             for t, idx in enumerate(order):
-                if t in saved_set:
-                    store.put(t, params, state)
-                params, state, loss = _plain_step(
-                    target, data, ones, idx, params, state, names, optim
+                if t in saved:
+                    store.put(t, work, state)
+                state, loss = _plain_step(
+                    target, data, ones, idx, work, state, names, optim, slots, before_update
                 )
                 losses.append(loss)
 
-            final = [p.detach().requires_grad_() for p in params]
+            final = [p.detach().requires_grad_() for p in work]
             value = torch.func.functional_call(
                 MetricOnTarget(target, phi),
                 {f"target.{n}": p for n, p in zip(names, final, strict=True)},
                 (),
             )
             adj_p = list(torch.autograd.grad(value, final, allow_unused=True))
-            # ``value``'s graph ends in the leaves ``final``: detach it, or the final weights
-            # stay referenced (and in memory) through the whole reverse pass.
+            # ``value``'s graph ends in the leaves ``final``: detach it, or it keeps the
+            # (in-place updated) weights' version and graph alive through the reverse pass.
             value = value.detach()
-            del params, state, final
+            del final
             middle = time.perf_counter()
 
             # The adjoint lives only in ``adjoint`` (rebound every step): a second name for
@@ -414,36 +496,37 @@ def replay_rewards(
             del adj_p
             rewards = torch.zeros_like(ones)
             bounds = saved[1:] + [n_steps]
-            for begin, end in zip(reversed(saved), reversed(bounds), strict=True):
-                if begin == 0:
-                    params = [named[n].detach() for n in names]
-                    state = init_state(params, optim)
-                else:
-                    params, state = store.pop(begin, device)
-                if end - begin == 1:  # nothing to recompute: use the loaded state directly
-                    segment = [(params, state)]
-                else:
-                    # Recompute the segment's states (graph-free), buffered in host memory so
-                    # that only one state at a time sits on the accelerator.
-                    segment = [_pack(params, state, slots)]
-                    for t in range(begin, end - 1):
-                        params, state, _ = _plain_step(
-                            target, data, ones, order[t], params, state, names, optim
-                        )
-                        segment.append(_pack(params, state, slots))
-                del params, state
+            for j in range(len(saved) - 1, -1, -1):
+                begin, end = saved[j], bounds[j]
+                # State 0 stays in the store until the end: it restores the target on failure.
+                state = store.load(begin, work, state, keep=begin == 0)
+                if j:
+                    store.prefetch(saved[j - 1])  # read ahead while this segment replays
+                # Recompute the segment's states (graph-free) into the working tensors; host
+                # copies of all but the last, which is replayed first, straight from them.
+                segment = []
+                for t in range(begin, end - 1):
+                    segment.append(_pack(work, state, slots))
+                    state, _ = _plain_step(
+                        target, data, ones, order[t], work, state, names, optim, slots
+                    )
                 for t in range(end - 1, begin - 1, -1):
-                    item = segment.pop()
-                    p_t, s_t = _unpack(item, device) if isinstance(item, dict) else item
+                    if t < end - 1:
+                        state = _copy_into(segment.pop(), work, state, slots)
                     box = [adjoint]
                     del adjoint
                     adjoint, d_eps = _reverse_step(
-                        target, data, order[t], p_t, s_t, names, optim, slots, box, ones, t == 0
+                        target, data, order[t], work, state, names, optim, slots, box, ones, t == 0
                     )
                     if d_eps is not None:
                         rewards += d_eps
+            modified = False  # the last step replayed state 0 in the working tensors
     finally:
-        store.close()
+        try:
+            if modified:
+                store.load(0, work, state, keep=True)
+        finally:
+            store.close()
     if times is not None:
         times["inner_sft"] = middle - start
         times["attribution"] = time.perf_counter() - middle

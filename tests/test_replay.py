@@ -119,7 +119,7 @@ def test_unwritable_directory_fails_before_the_run(tokenizer, tmp_path, monkeypa
         raise AssertionError("the SFT started before the storage check")
 
     monkeypatch.setattr(replay, "_plain_step", no_sft)
-    with pytest.raises(ValueError, match=r"not writable.*needs about .*3 checkpoint"):
+    with pytest.raises(ValueError, match=r"not writable.*needs about .*4 checkpoint"):
         metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
 
 
@@ -132,18 +132,18 @@ def test_full_disk_fails_with_the_estimate(tmp_path, monkeypatch):
     )
     n_params = sum(p.numel() for p in target.parameters())
     expected = check_replay_storage(cfg, target, 96)
-    # float64 params + Adam m and v, 95 stored states (the one before step 0 is the target's)
-    assert expected == n_params * 8 * 3 * 95
+    # float64 params + Adam m and v, 96 stored states (the one before step 0 restores the target)
+    assert expected == n_params * 8 * 3 * 96
 
     class Usage:
         free = expected // 2
 
     monkeypatch.setattr(replay.shutil, "disk_usage", lambda path: Usage)
-    with pytest.raises(ValueError, match=r"free but .* needs about .*95 checkpoint"):
+    with pytest.raises(ValueError, match=r"free but .* needs about .*96 checkpoint"):
         check_replay_storage(cfg, target, 96)
-    # sqrt(96) -> 10 checkpoints, 9 stored (+ a 9-state host buffer) fit in the same space.
+    # sqrt(96) -> 10 stored checkpoints (+ a 9-state host buffer) fit in the same space.
     cfg.replay.checkpoint = "sqrt"
-    assert check_replay_storage(cfg, target, 96) == n_params * 8 * 3 * (9 + 9)
+    assert check_replay_storage(cfg, target, 96) == n_params * 8 * 3 * (10 + 9)
 
 
 def _live_tensors(shape: torch.Size) -> dict[int, torch.Tensor]:
@@ -161,9 +161,11 @@ def _live_tensors(shape: torch.Size) -> dict[int, torch.Tensor]:
 @pytest.mark.parametrize("optim", ["sgd", "adam"])
 def test_reverse_pass_holds_one_state_and_one_adjoint(optim, tokenizer, monkeypatch, tmp_path):
     """Memory that does not grow with T means: entering every reverse step, the only copies of
-    a weight are the replayed state and the adjoint (plus Adam's two moments and their two
-    adjoints), never an earlier step's adjoint or the final weights kept by a stale graph.
-    Checkpoints on disk, so the store itself holds no tensor."""
+    a weight are the adjoint (plus Adam's two working moments and, after the last step, their
+    two adjoints), never an earlier step's adjoint, the final weights kept by a stale graph, or
+    a reloaded state beside the target's own weights (the replayed state is loaded into those,
+    so step 0 costs what every other step costs). Checkpoints on disk, so the store holds no
+    tensor."""
     target = tiny("gpt2")
     weight = target.get_output_embeddings().weight
     data = tokenize_examples(TEXTS, tokenizer, 16)
@@ -182,8 +184,67 @@ def test_reverse_pass_holds_one_state_and_one_adjoint(optim, tokenizer, monkeypa
     replay_cfg = ReplayConfig(storage="disk", directory=str(tmp_path))
     cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="replay", replay=replay_cfg)
     metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
-    # Replayed state: weights (+ Adam's exp_avg, exp_avg_sq). Adjoint: of the weights only
-    # entering the last step (Phi reads no moment), of the whole state after that. Before
-    # step 0 the weights are the target's own (counted in ``before``): one copy fewer.
-    state = 1 if optim == "sgd" else 3
-    assert seen == [state + 1] + [2 * state] * (len(order) - 2) + [2 * state - 1], seen
+    # Entering the last step only the weights have an adjoint (Phi reads no moment); from then
+    # on the moments have one too. Adam's moments themselves are two working buffers.
+    if optim == "sgd":
+        assert seen == [1] * len(order), seen
+    else:
+        assert seen == [2 + 1] + [2 + 3] * (len(order) - 1), seen
+
+
+@pytest.mark.parametrize("storage", ["cpu", "disk"])
+def test_target_weights_restored_bit_for_bit(storage, tokenizer, monkeypatch, tmp_path):
+    """The replay works in the target's own weights; after the call, and after a call that
+    fails half-way through the reverse pass, they hold exactly their original values."""
+    target = tiny("gpt2")
+    original = {n: p.detach().clone() for n, p in target.named_parameters()}
+    data = tokenize_examples(TEXTS, tokenizer, 16)
+    order = inner_order(len(data), 2, False, 0)
+    rcfg = ReplayConfig(checkpoint="every_k", k=3, storage=storage, directory=str(tmp_path))
+    cfg = InnerConfig(optim=OPTIMS["adam"], batch_size=2, backend="replay", replay=rcfg)
+
+    def unchanged() -> bool:
+        return all(torch.equal(p, original[n]) for n, p in target.named_parameters())
+
+    rewards, _, _ = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+    assert rewards.abs().sum() > 0 and unchanged()
+    calls = []
+    inner_step = replay._reverse_step
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # step 2: the weights hold state 2 by now
+            raise RuntimeError("killed")
+        return inner_step(*args, **kwargs)
+
+    monkeypatch.setattr(replay, "_reverse_step", failing)
+    with pytest.raises(RuntimeError, match="killed"):
+        metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+    assert unchanged()
+    assert not os.listdir(tmp_path)  # checkpoint files removed either way
+
+
+def test_background_write_finishes_before_the_update(tokenizer, monkeypatch, tmp_path):
+    """Disk checkpoints are written while the next gradient is computed from the same
+    tensors; a slow disk must not let the in-place update overwrite them mid-write (the saved
+    state would then be the next one). Same rewards, bit for bit, as host-memory storage."""
+    import time
+
+    target = tiny("gpt2")
+    data = tokenize_examples(TEXTS, tokenizer, 16)
+    order = inner_order(len(data), 2, False, 0)
+
+    def run(storage: str) -> torch.Tensor:
+        rcfg = ReplayConfig(storage=storage, directory=str(tmp_path))
+        cfg = InnerConfig(optim=OPTIMS["adam"], batch_size=2, backend="replay", replay=rcfg)
+        return metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)[0]
+
+    in_memory = run("cpu")
+    write = replay._write
+
+    def slow_write(path, tensors):
+        time.sleep(0.2)
+        write(path, tensors)
+
+    monkeypatch.setattr(replay, "_write", slow_write)
+    assert torch.equal(run("disk"), in_memory)
