@@ -180,10 +180,14 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     assert (run_dir / "hpc_ckpt_1.ckpt").exists()
     assert "job " + job + " requeued" in _attempt(text, 1)
     # Each attempt continued at its checkpoint's step: steps before the first resume were
-    # logged once (a restart from step 0 would log them again), and every step was logged.
+    # logged once (a restart from step 0 would log them again), and every step was logged,
+    # except possibly the one just before the hard requeue's checkpoint: Lightning writes a
+    # step's checkpoint (ModelCheckpoint.on_train_batch_end) before it logs that step's
+    # metrics, so a SIGKILL between the two loses that one row (seen once in CI).
     logged = [int(r["step"]) for r in _metrics(run_dir) if r.get("train/sft_examples")]
-    assert sorted(set(logged)) == list(range(steps)), logged
-    assert all(logged.count(s) == 1 for s in range(first)), logged
+    missing = set(range(steps)) - set(logged)
+    assert missing <= {first - 1} and set(logged) <= set(range(steps)), (missing, logged)
+    assert all(logged.count(s) == 1 for s in range(first) if s not in missing), logged
     lasts = run_dir.glob("csv/version_*/checkpoints/last.ckpt")
     final = max(lasts, key=lambda p: p.stat().st_mtime)
     assert _ckpt_step(final) == steps
