@@ -128,3 +128,44 @@ def optimizer_step(
             p, m, v = adam_update(p, g, m, v, step, cfg)
         new_p.append(p), new_m.append(m), new_v.append(v)
     return new_p, OptimState(step, new_m, new_v)
+
+
+@torch.no_grad()
+def optimizer_step_(
+    params: list[Tensor], grads: list[Tensor | None], state: OptimState, cfg: InnerOptimConfig
+) -> OptimState:
+    """:func:`optimizer_step` in place, for graph-free loops (the ``replay`` forward pass).
+
+    The same operations in the same order, each rounded the same way, so the results are
+    bit for bit those of :func:`optimizer_step` (tested); but the parameters and moments are
+    overwritten instead of copied, which saves an allocation and a copy of every parameter
+    per step and never holds the old and the new weights at once. ``grads`` are consumed
+    (weight decay is added into them). Returns the state with its step advanced (same tensors).
+    """
+    step = state.step + 1
+    for p, g, m, v in zip(params, grads, state.exp_avg, state.exp_avg_sq):
+        if g is None:
+            continue
+        if cfg.name == "sgd":
+            if cfg.weight_decay:
+                g.add_(cfg.weight_decay * p)
+            if cfg.momentum:
+                g = m.copy_(g) if step == 1 else m.mul_(cfg.momentum).add_(g)
+            p.sub_(cfg.lr * g)
+            continue
+        beta1, beta2 = cfg.betas
+        if cfg.weight_decay:
+            if cfg.name == "adamw":
+                p.mul_(1 - cfg.lr * cfg.weight_decay)
+            else:
+                g.add_(cfg.weight_decay * p)
+        m.mul_(beta1).add_((1 - beta1) * g)
+        v.mul_(beta2).add_((1 - beta2) * g * g)
+        bias1 = 1 - beta1**step
+        bias2 = 1 - beta2**step
+        if cfg.eps_root:
+            denom = (v / bias2 + cfg.eps_root).sqrt_().add_(cfg.eps)
+        else:
+            denom = (v.sqrt() / bias2**0.5).add_(cfg.eps)
+        p.sub_((cfg.lr / bias1) * m / denom)
+    return OptimState(step, state.exp_avg, state.exp_avg_sq)

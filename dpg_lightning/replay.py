@@ -21,8 +21,8 @@ update and metric wrapper are imported from :mod:`dpg_lightning.inner`,
 backend to ``higher`` at 1e-6 in float64.
 
 **One working copy of the weights: the target's own.** Both passes update the target's trainable
-parameters *in place* (each step's update is computed one parameter at a time and copied back)
-and reload saved states into them, so no second set of weights ever exists on the device: the
+parameters *in place* (:func:`~dpg_lightning.optim.optimizer_step_`, bit for bit the functional
+step) and reload saved states into them, so no second set of weights ever exists on the device: the
 forward step holds the weights and their gradient, never the old and the new weights at once,
 and a reverse step replays step t in the same tensors that held step t+1. Without this every
 step but the first would need one weight-sized buffer more than the first (the state it
@@ -53,7 +53,13 @@ import torch
 from torch import Tensor, nn
 
 from dpg_lightning.objectives import MetricOnTarget
-from dpg_lightning.optim import OptimState, init_state, optimizer_step, used_slots
+from dpg_lightning.optim import (
+    OptimState,
+    init_state,
+    optimizer_step,
+    optimizer_step_,
+    used_slots,
+)
 
 if TYPE_CHECKING:
     from dpg_lightning.inner import InnerConfig, SFTData
@@ -327,17 +333,13 @@ def _forward_fn(target: nn.Module, names: list[str], params: list[Tensor]):
     return forward
 
 
-def _plain_step(
-    target, data, eps, idx, params, state, names, optim, slots, wait=None
-) -> tuple[OptimState, Tensor]:
+def _plain_step(target, data, eps, idx, params, state, names, optim, wait=None):
     """One graph-free SFT step, applied in place to ``params`` and ``state``'s moments.
 
-    The update is the functional :func:`optimizer_step`, one parameter at a time, copied back
-    into the working tensors: bit for bit the same numbers as the out-of-place step, with one
-    parameter's new copy alive at a time instead of a second set of weights. ``wait`` (if
+    The update is :func:`~dpg_lightning.optim.optimizer_step_`, bit for bit the functional
+    step that the reverse pass differentiates, without a second set of weights. ``wait`` (if
     given) runs between the gradient and the update: a background save of the state being
-    overwritten must be done by then. Returns the new state (same tensors, step + 1) and the
-    loss.
+    overwritten must be done by then. Returns ``(state, loss)``: the same tensors, step + 1.
     """
     from dpg_lightning.inner import _batch_loss
 
@@ -347,19 +349,7 @@ def _plain_step(
     del leaves
     if wait is not None:
         wait()
-    with torch.no_grad():
-        for j, p in enumerate(params):
-            g, grads[j] = grads[j], None
-            if g is None:
-                continue
-            m, v = state.exp_avg[j], state.exp_avg_sq[j]
-            (new_p,), new = optimizer_step([p], [g], OptimState(state.step, [m], [v]), optim)
-            p.copy_(new_p)
-            if slots[0]:
-                m.copy_(new.exp_avg[0])
-            if slots[1]:
-                v.copy_(new.exp_avg_sq[0])
-    return OptimState(state.step + 1, state.exp_avg, state.exp_avg_sq), loss.detach()
+    return optimizer_step_([p.detach() for p in params], grads, state, optim), loss.detach()
 
 
 def _reverse_step(target, data, idx, params, state, names, optim, slots, box, eps_like, first):
@@ -473,7 +463,7 @@ def replay_rewards(
                 if t in saved:
                     store.put(t, work, state)
                 state, loss = _plain_step(
-                    target, data, ones, idx, work, state, names, optim, slots, before_update
+                    target, data, ones, idx, work, state, names, optim, before_update
                 )
                 losses.append(loss)
 
@@ -507,9 +497,7 @@ def replay_rewards(
                 segment = []
                 for t in range(begin, end - 1):
                     segment.append(_pack(work, state, slots))
-                    state, _ = _plain_step(
-                        target, data, ones, order[t], work, state, names, optim, slots
-                    )
+                    state, _ = _plain_step(target, data, ones, order[t], work, state, names, optim)
                 for t in range(end - 1, begin - 1, -1):
                     if t < end - 1:
                         state = _copy_into(segment.pop(), work, state, slots)

@@ -98,3 +98,30 @@ def test_state_holds_only_the_buffers_the_update_reads(cfg, slots):
         opt.step()
         params, state = optimizer_step(params, grads, state, cfg)
     torch.testing.assert_close(params[0], ref[0].detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "cfg",
+    CASES + [InnerOptimConfig("adam", lr=1e-2, eps_root=1e-8)],
+    ids=lambda c: f"{c.name}-wd{c.weight_decay}-m{c.momentum}-r{c.eps_root}",
+)
+def test_in_place_step_is_bit_identical(cfg, dtype):
+    """The replay forward pass updates in place; its trajectory must be the very one the
+    functional step (which the reverse pass differentiates) produces: equal, not close."""
+    from dpg_lightning.optim import optimizer_step_
+
+    shapes = [(3, 4), (5,)]
+    params = [torch.randn(s, dtype=dtype) for s in shapes]
+    state = init_state(params, cfg)
+    work = [p.clone() for p in params]
+    work_state = init_state(work, cfg)
+    for grads in _grads(5, shapes):
+        grads = [g.to(dtype) for g in grads]
+        params, state = optimizer_step(params, grads, state, cfg)
+        work_state = optimizer_step_(work, [g.clone() for g in grads], work_state, cfg)
+        assert work_state.step == state.step
+        mine = work + work_state.exp_avg + work_state.exp_avg_sq
+        ref = params + state.exp_avg + state.exp_avg_sq
+        for a, b in zip(mine, ref, strict=True):
+            assert (a is None and b is None) or torch.equal(a, b)
