@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dpg_lightning import higher_compat
-from dpg_lightning.optim import InnerOptimConfig, init_state, optimizer_step
+from dpg_lightning.optim import InnerOptimConfig, init_state, optimizer_step, optimizer_step_
 
 CASES = [
     InnerOptimConfig("sgd", lr=0.1),
@@ -109,8 +109,6 @@ def test_state_holds_only_the_buffers_the_update_reads(cfg, slots):
 def test_in_place_step_is_bit_identical(cfg, dtype):
     """The replay forward pass updates in place; its trajectory must be the very one the
     functional step (which the reverse pass differentiates) produces: equal, not close."""
-    from dpg_lightning.optim import optimizer_step_
-
     shapes = [(3, 4), (5,)]
     params = [torch.randn(s, dtype=dtype) for s in shapes]
     state = init_state(params, cfg)

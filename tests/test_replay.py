@@ -10,6 +10,7 @@ swapped in once instead of everywhere), not noise. The bound asserted is 1e-6 re
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -228,8 +229,6 @@ def test_background_write_finishes_before_the_update(tokenizer, monkeypatch, tmp
     """Disk checkpoints are written while the next gradient is computed from the same
     tensors; a slow disk must not let the in-place update overwrite them mid-write (the saved
     state would then be the next one). Same rewards, bit for bit, as host-memory storage."""
-    import time
-
     target = tiny("gpt2")
     data = tokenize_examples(TEXTS, tokenizer, 16)
     order = inner_order(len(data), 2, False, 0)
