@@ -229,7 +229,11 @@ def run_size(args: argparse.Namespace, size: str, steps: list[int]) -> list[Row]
             warm = InnerConfig(optim=optim, batch_size=args.batch_size, backend=backend)
             metagradient_rewards(target, data, phi, warm, order)
     rcfg = ReplayConfig(
-        checkpoint=args.policy, k=args.k, storage=args.storage, directory=args.directory
+        checkpoint=args.policy,
+        k=args.k,
+        storage=args.storage,
+        directory=args.directory,
+        offload_adjoint=args.offload_adjoint,
     )
     higher_cfg = InnerConfig(optim=optim, batch_size=args.batch_size, backend="higher")
     replay_cfg = InnerConfig(optim=optim, batch_size=args.batch_size, backend="replay", replay=rcfg)
@@ -379,6 +383,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=4)
     p.add_argument("--storage", choices=["cpu", "disk"], default="disk")
     p.add_argument("--directory", default=None, help="replay checkpoint dir (default: temp)")
+    p.add_argument(
+        "--offload-adjoint",
+        action="store_true",
+        help="inner.replay.offload_adjoint: the carried adjoint waits in --storage between steps",
+    )
     p.add_argument("--repeats", type=int, default=None, help="timed runs (default tiny 3, gpt2 2)")
     p.add_argument(
         "--threads",
@@ -407,7 +416,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if size not in SIZES:
             p.error(f"--size {size}: choose among {', '.join(SIZES)}")
     limit = args.higher_max_steps
-    args.higher_limit = {"tiny": limit or 10**9, "small": limit or 16, "gpt2": limit or 2}
+    defaults = {"tiny": 10**9, "small": 16, "gpt2": 2}
+    args.higher_limit = {k: v if limit is None else limit for k, v in defaults.items()}
     return args
 
 
@@ -457,7 +467,8 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"machine: {platform.node()} {cpu}, {os.cpu_count()} cores, torch "
         f"{torch.__version__}, device {args.device}, {args.threads} thread(s), "
-        f"replay {args.policy}/{args.storage}, measure {args.measure}"
+        f"replay {args.policy}/{args.storage}"
+        f"{', adjoint offloaded' if args.offload_adjoint else ''}, measure {args.measure}"
     )
     if cpu_memory and args.measure == "both":
         args.measure = "time"

@@ -29,6 +29,14 @@ step but the first would need one weight-sized buffer more than the first (the s
 reloads), which is 475 MiB on a GPT-2-124M target. The price: the state before step 0 is saved
 like any other, and the target is restored from it bit for bit when the call returns or fails.
 
+**The adjoint travels as fetchers.** The reverse step contracts each updated parameter (and
+moment) with its adjoint in a node that fetches the adjoint only when the backward reaches it,
+and hands each part of the new adjoint on as soon as autograd has finished it (a moment's right
+after its update, long before the Hessian-vector product ends). With
+``inner.replay.offload_adjoint`` the parts wait in the checkpoint storage between steps, so the
+peak holds no adjoint at all: with Adam the carried adjoint is three weight copies, two of them
+(the moments') absent from a 1-step run, which made longer runs' peaks 1.2x a 1-step run's.
+
 Checkpointing is done at the level of whole inner steps, never with transformers' gradient
 checkpointing: that recompute runs after ``functional_call`` has restored the module's own
 parameters and silently differentiates the wrong weights.
@@ -47,6 +55,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -82,12 +91,20 @@ class ReplayConfig:
             run); ``disk`` keeps host memory flat in T.
         directory: parent directory of the checkpoint files for ``disk`` (a fresh sub-directory
             is made per run); ``None`` uses the system temp directory.
+        offload_adjoint: keep the adjoint the reverse pass carries from step to step (dPhi with
+            respect to the weights and the optimizer moments: three weight copies with Adam) in
+            ``storage`` between steps, and read each parameter's part back only when the
+            backward through that parameter's update reaches it. Peak memory then holds about
+            what a 1-step run holds, whatever the optimizer, for one write and one read of the
+            adjoint per step. It helps where ``storage`` is not the memory the weights live in:
+            ``disk``, or ``cpu`` with the target on an accelerator.
     """
 
     checkpoint: Literal["every", "every_k", "sqrt"] = "every"
     k: int = 4
     storage: Literal["cpu", "disk"] = "cpu"
     directory: str | None = None
+    offload_adjoint: bool = False
 
 
 def checkpoint_steps(cfg: ReplayConfig, n_steps: int) -> list[int]:
@@ -146,7 +163,8 @@ def check_replay_storage(cfg: InnerConfig, target: nn.Module, n_steps: int) -> i
     param_bytes = sum(p.numel() * p.element_size() for p in chosen)
     per_state = param_bytes * (1 + sum(used_slots(cfg.optim)))
     segment = saved[1] - saved[0] if len(saved) > 1 else n_steps
-    stored = per_state * len(saved)
+    # An offloaded adjoint has the shape of a state: one is read while the next is written.
+    stored = per_state * (len(saved) + 2 * int(rcfg.offload_adjoint))
     buffered = per_state * (segment - 1)
     what = (
         f"{len(saved)} checkpoint(s) of {_human(per_state)} (trainable parameters + "
@@ -187,6 +205,15 @@ def check_replay_storage(cfg: InnerConfig, target: nn.Module, n_steps: int) -> i
     return stored + buffered
 
 
+# The adjoint the reverse pass carries: d Phi / d (parameters, first moments, second moments),
+# one entry per trainable parameter (None where nothing depends on it or the slot is unused),
+# each a one-shot fetcher (:class:`_Held`, :class:`_OnDisk`) that the backward calls.
+Fetch = Callable[[], Tensor]
+Carried = tuple[list[Fetch | None], list[Fetch | None], list[Fetch | None]]
+# Turns a finished part of an adjoint into its fetcher (held in memory or offloaded).
+Keep = Callable[[Tensor], Fetch]
+
+
 class _Store:
     """Saved training states keyed by step, in host memory or in a private directory on disk.
 
@@ -201,7 +228,9 @@ class _Store:
         self.memory: dict[int, dict] = {}
         self.steps: dict[int, int] = {}
         self.directory: str | None = None
-        self._pending: Future | None = None
+        self._pending: list[Future] = []
+        self._adjoint_files: list[str] = []
+        self._adjoints = 0
         if cfg.storage == "disk":
             self.directory = tempfile.mkdtemp(prefix="dpg_replay_", dir=cfg.directory or None)
             self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dpg_replay")
@@ -225,13 +254,13 @@ class _Store:
             for x in _tensors(params, state, self.slots)
         ]
         self.steps[t] = state.step
-        self._pending = self._writer.submit(_write, self._path(t), tensors)
+        self._pending.append(self._writer.submit(_write, self._path(t), tensors))
 
     def wait(self) -> None:
-        """Block until the last :meth:`put` is on disk (re-raising its error, if any)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
+        """Block until every write submitted so far is on disk (re-raising its error, if any)."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.result()
 
     def prefetch(self, t: int) -> None:
         """Ask the OS to start reading the state before step ``t`` into its page cache, so that
@@ -262,6 +291,36 @@ class _Store:
         step = self.steps[t] if keep else self.steps.pop(t)
         return OptimState(step, state.exp_avg, state.exp_avg_sq)
 
+    def start_adjoint(self) -> Keep:
+        """Begin offloading a new adjoint; returns the function that offloads one part of it
+        (a parameter's or a moment's adjoint) and gives back its one-shot fetcher.
+
+        In host memory a part becomes a host copy (the same tensor for a CPU target). On disk
+        parts are appended to one file by the background writer as autograd finishes them;
+        the file before the previous one is deleted (the previous one holds the adjoint that
+        the current reverse step is still reading).
+        """
+        if self.directory is None:
+            return lambda x: _Held(x.to("cpu"), x.device)
+        self.wait()
+        for old in self._adjoint_files[:-1]:
+            os.remove(old)
+        self._adjoints += 1
+        path = os.path.join(self.directory, f"adjoint_{self._adjoints:06d}.bin")
+        self._adjoint_files = self._adjoint_files[-1:] + [path]
+        offset = 0
+
+        def keep(x: Tensor) -> _OnDisk:
+            nonlocal offset
+            host = x if x.device.type == "cpu" else x.to("cpu")
+            future = self._writer.submit(_write, path, [host], "ab")
+            self._pending.append(future)
+            fetcher = _OnDisk(future, path, offset, x)
+            offset += x.numel() * x.element_size()
+            return fetcher
+
+        return keep
+
     def close(self) -> None:
         self.memory.clear()
         if self.directory is not None:
@@ -269,10 +328,77 @@ class _Store:
             shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _write(path: str, tensors: list[Tensor]) -> None:
-    with open(path, "wb") as f:
+class _Held:
+    """One part of the adjoint, handed to the backward once: afterwards nothing here keeps it,
+    so its memory is freed as soon as autograd has used it (``device``: where it is needed)."""
+
+    def __init__(self, x: Tensor, device: torch.device) -> None:
+        self.x: Tensor | None = x
+        self.device = device
+
+    def __call__(self) -> Tensor:
+        x, self.x = self.x, None
+        return x.to(self.device)
+
+
+class _OnDisk:
+    """One part of an offloaded adjoint: ``offset`` bytes into ``path`` once ``written`` (the
+    background write's future) is done; read when fetched."""
+
+    def __init__(self, written: Future, path: str, offset: int, like: Tensor) -> None:
+        self.written, self.path, self.offset = written, path, offset
+        self.shape, self.dtype, self.device = like.shape, like.dtype, like.device
+
+    def __call__(self) -> Tensor:
+        self.written.result()
+        x = torch.empty(self.shape, dtype=self.dtype)
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.offset)
+            _read_into(f, x, self.path)
+        return x.to(self.device)
+
+
+def _in_memory(x: Tensor) -> _Held:
+    """The :data:`Keep` that leaves a part of the adjoint where it is."""
+    return _Held(x, x.device)
+
+
+def _hand_over(parts: list, j: int, keep: Keep, leaf: Tensor) -> None:
+    """Post-accumulate hook of a moment leaf: its adjoint is complete as soon as the backward
+    has passed its update (long before the Hessian-vector product ends), so it is kept (or
+    offloaded) and dropped from autograd's hands at once."""
+    parts[j], leaf.grad = keep(leaf.grad), None
+
+
+class _Contract(torch.autograd.Function):
+    """A root of the reverse step's backward whose gradient for ``out`` is the fetched adjoint:
+    the backward of ``<out, adjoint>`` at a unit seed, which is the only seed it ever gets (the
+    sum of these roots is differentiated with the default seed 1, and sums pass it on as is),
+    so the adjoint is used as fetched instead of multiplied by 1 (a pass over every weight).
+
+    The adjoint is fetched when autograd reaches this node, so an offloaded adjoint is back
+    in memory one parameter at a time, and ``out`` is not saved (``torch.dot`` would keep every
+    updated parameter until the backward). The forward value is a placeholder zero.
+    """
+
+    @staticmethod
+    def forward(ctx, out: Tensor, fetch: Fetch) -> Tensor:
+        ctx.fetch = fetch
+        return out.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, seed: Tensor) -> tuple[Tensor, None]:
+        fetch, ctx.fetch = ctx.fetch, None  # keep nothing once used
+        return fetch(), None
+
+
+def _write(path: str, tensors: list[Tensor], mode: str = "wb") -> None:
+    """Write ``tensors`` back to back, then empty the list (handed over by the caller): once the
+    write's future is done, this thread keeps no reference, so an offloaded buffer is free."""
+    with open(path, mode) as f:
         for x in tensors:
             f.write(_bytes(x))
+    tensors.clear()
 
 
 def _tensors(params: list[Tensor], state: OptimState, slots: tuple[bool, bool]) -> list[Tensor]:
@@ -352,12 +478,17 @@ def _plain_step(target, data, eps, idx, params, state, names, optim, wait=None):
     return optimizer_step_([p.detach() for p in params], grads, state, optim), loss.detach()
 
 
-def _reverse_step(target, data, idx, params, state, names, optim, slots, box, eps_like, first):
+def _reverse_step(
+    target, data, idx, params, state, names, optim, slots, box, eps_like, first, keep
+):
     """Pull the adjoint (dPhi/dparams, dPhi/dm, dPhi/dv) after step back to before it.
 
-    The adjoint comes in ``box`` (a one-item list, emptied here) so that the caller holds no
-    reference to it: once autograd has used it, its memory is released during the backward
-    instead of living next to the new adjoint until this step returns.
+    The adjoint comes in ``box`` (a one-item list, emptied here) as one-shot fetchers
+    (:data:`Carried`) so that the caller holds no reference to it: the backward fetches each
+    part when it reaches that parameter's update, and its memory is released as soon as
+    autograd has used it, instead of living next to the new adjoint until this step returns.
+    The new adjoint's parts are handed to ``keep`` as they are finished: a moment's right after
+    the backward has passed its update, a parameter's at the end.
 
     Rebuilds only this step's graph: the parameter gradient is taken with ``create_graph`` so
     the update is differentiable in the parameters (Hessian-vector product), the moments and
@@ -391,25 +522,34 @@ def _reverse_step(target, data, idx, params, state, names, optim, slots, box, ep
         if slots[1]:
             outs.append((out_s.exp_avg_sq[0], adj_v[j]))
         del g, out_p, out_s
-        for out, adj in outs:
-            if adj is not None and out.requires_grad:
-                term = torch.dot(out.reshape(-1), adj.reshape(-1))
+        for out, fetch in outs:
+            if fetch is not None and out.requires_grad:
+                term = _Contract.apply(out, fetch)
                 total = term if total is None else total + term
-        del outs, out, adj
+        del outs, out, fetch
     del adj_p, adj_m, adj_v  # from here on only the graph holds them (see docstring)
     n = len(p_in)
+    before: Carried = ([None] * n, [None] * n, [None] * n)
     if total is None:  # nothing downstream depends on this step's output
-        return (([None] * n, [None] * n, [None] * n)), None
+        return before, None
     if first:
         (d_eps,) = torch.autograd.grad(total, [eps], allow_unused=True)
-        return (([None] * n, [None] * n, [None] * n)), d_eps
-    inputs = p_in + (m_in if slots[0] else []) + (v_in if slots[1] else []) + [eps]
-    grads_in = torch.autograd.grad(total, inputs, allow_unused=True)
-    new_p = list(grads_in[:n])
-    rest = list(grads_in[n:-1])
-    new_m = rest[:n] if slots[0] else [None] * n
-    new_v = rest[-n:] if slots[1] else [None] * n
-    return (new_p, new_m, new_v), grads_in[-1]
+        return before, d_eps
+    hooks = [
+        leaf.register_post_accumulate_grad_hook(partial(_hand_over, before[part], j, keep))
+        for part, leaves in ((1, m_in), (2, v_in))
+        for j, leaf in enumerate(leaves)
+        if leaf is not None
+    ]
+    moments = [x for x in m_in + v_in if x is not None]
+    torch.autograd.backward(total, inputs=p_in + moments + [eps])
+    del total
+    for hook in hooks:
+        hook.remove()
+    for j, p in enumerate(p_in):
+        if p.grad is not None:
+            before[0][j], p.grad = keep(p.grad), None
+    return before, eps.grad
 
 
 def replay_rewards(
@@ -482,7 +622,10 @@ def replay_rewards(
 
             # The adjoint lives only in ``adjoint`` (rebound every step): a second name for
             # the first one would keep a parameter-sized copy alive through the whole pass.
-            adjoint = (adj_p, [None] * len(names), [None] * len(names))
+            new_adjoint = store.start_adjoint if rcfg.offload_adjoint else lambda: _in_memory
+            keep = new_adjoint()
+            n = len(names)
+            adjoint = ([None if x is None else keep(x) for x in adj_p], [None] * n, [None] * n)
             del adj_p
             rewards = torch.zeros_like(ones)
             bounds = saved[1:] + [n_steps]
@@ -504,7 +647,8 @@ def replay_rewards(
                     box = [adjoint]
                     del adjoint
                     adjoint, d_eps = _reverse_step(
-                        target, data, order[t], work, state, names, optim, slots, box, ones, t == 0
+                        target, data, order[t], work, state, names, optim, slots, box, ones,
+                        t == 0, new_adjoint(),
                     )
                     if d_eps is not None:
                         rewards += d_eps

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 
 import pytest
 import torch
@@ -29,6 +30,8 @@ from tests.conftest import OPTIMS, finite_difference_rewards, tiny
 TEXTS = ["hello world", "abc", "the cat sat", "zz top", "qwerty!", "a", "dpg", "x y"]
 POLICIES = [("every", "cpu"), ("every", "disk"), ("every_k", "cpu"), ("every_k", "disk")]
 POLICIES += [("sqrt", "cpu"), ("sqrt", "disk")]
+# (policy, storage, offload_adjoint): the offloaded adjoint is exercised on both storages.
+POLICIES = [(p, s, False) for p, s in POLICIES] + [("every", "disk", True), ("sqrt", "cpu", True)]
 
 
 @pytest.fixture(autouse=True)
@@ -60,13 +63,16 @@ def test_replay_matches_higher(arch, optim, tokenizer, float64_llama, tmp_path):
     ref_cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="higher")
     ref, ref_value, ref_losses = metagradient_rewards(target, data, phi, ref_cfg, order)
     assert ref.abs().min() > 0  # every example matters, so the comparison is not vacuous
-    for policy, storage in POLICIES:
-        rcfg = ReplayConfig(checkpoint=policy, k=3, storage=storage, directory=str(tmp_path))
+    for policy, storage, offload in POLICIES:
+        rcfg = ReplayConfig(
+            checkpoint=policy, k=3, storage=storage, directory=str(tmp_path),
+            offload_adjoint=offload,
+        )
         cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="replay", replay=rcfg)
         times: dict[str, float] = {}
         rewards, value, losses = metagradient_rewards(target, data, phi, cfg, order, times)
         rel = _relative(rewards, ref)
-        assert rel < 1e-6, f"{policy}/{storage}: relative error {rel:.2e}"
+        assert rel < 1e-6, f"{policy}/{storage}/offload={offload}: relative error {rel:.2e}"
         assert abs((value - ref_value) / ref_value) < 1e-12
         torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-12, atol=0)
         assert set(times) == {"inner_sft", "attribution"}
@@ -145,6 +151,9 @@ def test_full_disk_fails_with_the_estimate(tmp_path, monkeypatch):
     # sqrt(96) -> 10 stored checkpoints (+ a 9-state host buffer) fit in the same space.
     cfg.replay.checkpoint = "sqrt"
     assert check_replay_storage(cfg, target, 96) == n_params * 8 * 3 * (10 + 9)
+    # An offloaded adjoint has a state's size; two are on disk at once (one read, one written).
+    cfg.replay.offload_adjoint = True
+    assert check_replay_storage(cfg, target, 96) == n_params * 8 * 3 * (10 + 2 + 9)
 
 
 def _live_tensors(shape: torch.Size) -> dict[int, torch.Tensor]:
@@ -159,14 +168,18 @@ def _live_tensors(shape: torch.Size) -> dict[int, torch.Tensor]:
     }
 
 
+@pytest.mark.parametrize("offload", [False, True])
 @pytest.mark.parametrize("optim", ["sgd", "adam"])
-def test_reverse_pass_holds_one_state_and_one_adjoint(optim, tokenizer, monkeypatch, tmp_path):
+def test_reverse_pass_holds_one_state_and_one_adjoint(
+    optim, offload, tokenizer, monkeypatch, tmp_path
+):
     """Memory that does not grow with T means: entering every reverse step, the only copies of
     a weight are the adjoint (plus Adam's two working moments and, after the last step, their
     two adjoints), never an earlier step's adjoint, the final weights kept by a stale graph, or
     a reloaded state beside the target's own weights (the replayed state is loaded into those,
     so step 0 costs what every other step costs). Checkpoints on disk, so the store holds no
-    tensor."""
+    tensor; with ``offload_adjoint`` the adjoint is on disk too, so only Adam's moments are
+    left, the same at every step."""
     target = tiny("gpt2")
     weight = target.get_output_embeddings().weight
     data = tokenize_examples(TEXTS, tokenizer, 16)
@@ -181,27 +194,78 @@ def test_reverse_pass_holds_one_state_and_one_adjoint(optim, tokenizer, monkeypa
         seen.append(len(_live_tensors(weight.shape).keys() - before.keys()))
         return inner_step(*args, **kwargs)
 
+    start_adjoint = replay._Store.start_adjoint
+
+    def start_written(store):
+        # The background write holds an offloaded part until it is on disk; count after that.
+        keep = start_adjoint(store)
+
+        def keep_written(x):
+            fetch = keep(x)
+            store.wait()
+            return fetch
+
+        return keep_written
+
     monkeypatch.setattr(replay, "_reverse_step", counting)
-    replay_cfg = ReplayConfig(storage="disk", directory=str(tmp_path))
+    monkeypatch.setattr(replay._Store, "start_adjoint", start_written)
+    replay_cfg = ReplayConfig(storage="disk", directory=str(tmp_path), offload_adjoint=offload)
     cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="replay", replay=replay_cfg)
     metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
     # Entering the last step only the weights have an adjoint (Phi reads no moment); from then
     # on the moments have one too. Adam's moments themselves are two working buffers.
-    if optim == "sgd":
+    if offload:
+        assert seen == [0 if optim == "sgd" else 2] * len(order), seen
+    elif optim == "sgd":
         assert seen == [1] * len(order), seen
     else:
         assert seen == [2 + 1] + [2 + 3] * (len(order) - 1), seen
 
 
-@pytest.mark.parametrize("storage", ["cpu", "disk"])
-def test_target_weights_restored_bit_for_bit(storage, tokenizer, monkeypatch, tmp_path):
+@pytest.mark.parametrize("optim", ["sgd", "adam"])
+def test_offloaded_adjoint_parts_leave_memory_at_once(optim, tokenizer, monkeypatch, tmp_path):
+    """With ``offload_adjoint`` every finished part of the new adjoint is out of memory once it
+    is written: a moment's during the backward (the hook drops autograd's ``.grad``), so a step
+    never holds the adjoint it is building next to its graph. Counted at each hand-over: how
+    many earlier parts of the same adjoint are still alive."""
+    target = tiny("gpt2")
+    data = tokenize_examples(TEXTS, tokenizer, 16)
+    order = inner_order(len(data), 2, False, 0)
+    start_adjoint = replay._Store.start_adjoint
+    alive: list[int] = []
+
+    def start_tracking(store):
+        keep, refs = start_adjoint(store), []
+
+        def tracking(x):
+            alive.append(sum(ref() is not None for ref in refs))
+            fetch = keep(x)
+            store.wait()  # written: the writer has let go of it
+            refs.append(weakref.ref(x))
+            return fetch
+
+        return tracking
+
+    monkeypatch.setattr(replay._Store, "start_adjoint", start_tracking)
+    rcfg = ReplayConfig(storage="disk", directory=str(tmp_path), offload_adjoint=True)
+    cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="replay", replay=rcfg)
+    metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+    n_params = len(list(target.parameters()))
+    assert len(alive) > 2 * n_params and max(alive) == 0, alive
+
+
+@pytest.mark.parametrize("storage, offload", [("cpu", False), ("disk", False), ("disk", True)])
+def test_target_weights_restored_bit_for_bit(storage, offload, tokenizer, monkeypatch, tmp_path):
     """The replay works in the target's own weights; after the call, and after a call that
     fails half-way through the reverse pass, they hold exactly their original values."""
     target = tiny("gpt2")
     original = {n: p.detach().clone() for n, p in target.named_parameters()}
     data = tokenize_examples(TEXTS, tokenizer, 16)
     order = inner_order(len(data), 2, False, 0)
-    rcfg = ReplayConfig(checkpoint="every_k", k=3, storage=storage, directory=str(tmp_path))
+    rcfg = ReplayConfig(
+        checkpoint="every_k", k=3, storage=storage, directory=str(tmp_path),
+        offload_adjoint=offload,
+    )
     cfg = InnerConfig(optim=OPTIMS["adam"], batch_size=2, backend="replay", replay=rcfg)
 
     def unchanged() -> bool:
