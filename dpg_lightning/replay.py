@@ -55,7 +55,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -65,8 +64,8 @@ from dpg_lightning.objectives import MetricOnTarget
 from dpg_lightning.optim import (
     OptimState,
     init_state,
-    optimizer_step,
     optimizer_step_,
+    update_vjp,
     used_slots,
 )
 
@@ -363,35 +362,6 @@ def _in_memory(x: Tensor) -> _Held:
     return _Held(x, x.device)
 
 
-def _hand_over(parts: list, j: int, keep: Keep, leaf: Tensor) -> None:
-    """Post-accumulate hook of a moment leaf: its adjoint is complete as soon as the backward
-    has passed its update (long before the Hessian-vector product ends), so it is kept (or
-    offloaded) and dropped from autograd's hands at once."""
-    parts[j], leaf.grad = keep(leaf.grad), None
-
-
-class _Contract(torch.autograd.Function):
-    """A root of the reverse step's backward whose gradient for ``out`` is the fetched adjoint:
-    the backward of ``<out, adjoint>`` at a unit seed, which is the only seed it ever gets (the
-    sum of these roots is differentiated with the default seed 1, and sums pass it on as is),
-    so the adjoint is used as fetched instead of multiplied by 1 (a pass over every weight).
-
-    The adjoint is fetched when autograd reaches this node, so an offloaded adjoint is back
-    in memory one parameter at a time, and ``out`` is not saved (``torch.dot`` would keep every
-    updated parameter until the backward). The forward value is a placeholder zero.
-    """
-
-    @staticmethod
-    def forward(ctx, out: Tensor, fetch: Fetch) -> Tensor:
-        ctx.fetch = fetch
-        return out.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, seed: Tensor) -> tuple[Tensor, None]:
-        fetch, ctx.fetch = ctx.fetch, None  # keep nothing once used
-        return fetch(), None
-
-
 def _write(path: str, tensors: list[Tensor], mode: str = "wb") -> None:
     """Write ``tensors`` back to back, then empty the list (handed over by the caller): once the
     write's future is done, this thread keeps no reference, so an offloaded buffer is free."""
@@ -483,72 +453,67 @@ def _reverse_step(
 ):
     """Pull the adjoint (dPhi/dparams, dPhi/dm, dPhi/dv) after step back to before it.
 
-    The adjoint comes in ``box`` (a one-item list, emptied here) as one-shot fetchers
-    (:data:`Carried`) so that the caller holds no reference to it: the backward fetches each
-    part when it reaches that parameter's update, and its memory is released as soon as
-    autograd has used it, instead of living next to the new adjoint until this step returns.
-    The new adjoint's parts are handed to ``keep`` as they are finished: a moment's right after
-    the backward has passed its update, a parameter's at the end.
+    Rebuilds only this step's graph, the parameter gradient ``g`` with ``create_graph``; the
+    update itself is differentiated in closed form (:func:`~dpg_lightning.optim.update_vjp`),
+    one parameter at a time, which gives the moments' adjoints, the explicit part of the
+    parameters' adjoint and ``dPhi/dg``. One backward from ``g`` with ``dPhi/dg`` as its seed
+    (a Hessian-vector product) then adds the rest to the parameters' adjoint and gives
+    ``dPhi/deps`` for this step's examples, ``eps`` being a leaf of the local graph.
 
-    Rebuilds only this step's graph: the parameter gradient is taken with ``create_graph`` so
-    the update is differentiable in the parameters (Hessian-vector product), the moments and
-    this step's ``eps``. Returns ``(adjoint_before, dPhi/deps)``. For the ``first`` step the
-    adjoint of the initial state is never used, so only ``dPhi/deps`` is asked of autograd,
-    which then skips the branches that lead only to the parameters. ``params``/``state`` are
-    only read (the graph is gone when this returns, so the caller may then overwrite them).
+    The adjoint comes in ``box`` (a one-item list, emptied here) as one-shot fetchers
+    (:data:`Carried`) so that the caller holds no reference to it; each parameter's part is
+    fetched when that parameter's update is differentiated and released right after. The new
+    adjoint's parts go to ``keep`` as soon as they are final: the moments' in that same loop,
+    the parameters' after the backward, which accumulates onto their explicit part in place.
+    Returns ``(adjoint_before, dPhi/deps)``. For the ``first`` step the adjoint of the initial
+    state is never used, so only ``dPhi/deps`` is computed. ``params``/``state`` are only read
+    (the graph is gone when this returns, so the caller may then overwrite them).
     """
     from dpg_lightning.inner import _batch_loss
 
     adj_p, adj_m, adj_v = box.pop()
+    n = len(params)
     p_in = [p.detach().requires_grad_() for p in params]
-    m_in = [m.detach().requires_grad_() if slots[0] else None for m in state.exp_avg]
-    v_in = [v.detach().requires_grad_() if slots[1] else None for v in state.exp_avg_sq]
     eps = torch.ones_like(eps_like, requires_grad=True)
     loss = _batch_loss(_forward_fn(target, names, p_in), data, idx, eps)
     grads = list(torch.autograd.grad(loss, p_in, create_graph=True, allow_unused=True))
-
-    # Update and contract one parameter at a time, each output with its adjoint into one
-    # scalar (d(out . adj)/d(out) = adj exactly, so the result is unchanged): only one
-    # parameter's updated copy exists at a time instead of a whole second set of weights,
-    # and each gradient's buffer is released as soon as autograd no longer needs it.
-    total = None
-    for j, p in enumerate(p_in):
-        g, grads[j] = grads[j], None
-        one = OptimState(state.step, [m_in[j]], [v_in[j]])
-        (out_p,), out_s = optimizer_step([p], [g], one, optim)
-        outs = [(out_p, adj_p[j])]
-        if slots[0]:
-            outs.append((out_s.exp_avg[0], adj_m[j]))
-        if slots[1]:
-            outs.append((out_s.exp_avg_sq[0], adj_v[j]))
-        del g, out_p, out_s
-        for out, fetch in outs:
-            if fetch is not None and out.requires_grad:
-                term = _Contract.apply(out, fetch)
-                total = term if total is None else total + term
-        del outs, out, fetch
-    del adj_p, adj_m, adj_v  # from here on only the graph holds them (see docstring)
-    n = len(p_in)
+    del loss
     before: Carried = ([None] * n, [None] * n, [None] * n)
-    if total is None:  # nothing downstream depends on this step's output
-        return before, None
-    if first:
-        (d_eps,) = torch.autograd.grad(total, [eps], allow_unused=True)
-        return before, d_eps
-    hooks = [
-        leaf.register_post_accumulate_grad_hook(partial(_hand_over, before[part], j, keep))
-        for part, leaves in ((1, m_in), (2, v_in))
-        for j, leaf in enumerate(leaves)
-        if leaf is not None
-    ]
-    moments = [x for x in m_in + v_in if x is not None]
-    torch.autograd.backward(total, inputs=p_in + moments + [eps])
-    del total
-    for hook in hooks:
-        hook.remove()
-    for j, p in enumerate(p_in):
-        if p.grad is not None:
-            before[0][j], p.grad = keep(p.grad), None
+    roots, seeds = [], []
+    for j in range(n):
+        fetched = [None if f is None else f() for f in (adj_p[j], adj_m[j], adj_v[j])]
+        adj_p[j] = adj_m[j] = adj_v[j] = None
+        g, grads[j] = grads[j], None
+        if all(a is None for a in fetched):
+            continue  # nothing after this step depends on this parameter
+        if g is None:  # not in this step's loss: the update left it and its moments as they were
+            if not first:
+                for part, a in zip(before, fetched, strict=True):
+                    part[j] = None if a is None else keep(a)
+            continue
+        m = state.exp_avg[j] if slots[0] else None
+        v = state.exp_avg_sq[j] if slots[1] else None
+        dp, dg, dm, dv = update_vjp(
+            p_in[j].detach(), g.detach(), m, v, state.step + 1, optim, tuple(fetched)
+        )
+        del fetched
+        if not first:
+            p_in[j].grad = dp  # the Hessian-vector product below accumulates onto it
+            before[1][j] = None if dm is None else keep(dm)
+            dm = None  # an offloaded part is freed once written, not when this loop moves on
+            before[2][j] = None if dv is None else keep(dv)
+        del dp, dm, dv
+        roots.append(g)
+        seeds.append(dg)
+        del g, dg
+    del adj_p, adj_m, adj_v, grads
+    if roots:
+        torch.autograd.backward(roots, seeds, inputs=[eps] if first else p_in + [eps])
+    del roots, seeds
+    if not first:
+        for j, p in enumerate(p_in):
+            if p.grad is not None:
+                before[0][j], p.grad = keep(p.grad), None
     return before, eps.grad
 
 
