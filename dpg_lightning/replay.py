@@ -9,16 +9,21 @@ differentiation *one step at a time*:
    state) before some steps (the checkpoint policy) to CPU memory or to disk.
 2. ``dPhi/dparams`` at the trained parameters (the adjoint of the last state).
 3. Reverse: for t = T-1 .. 0, reload (or recompute from the nearest earlier checkpoint) the state
-   before step t, rebuild *that step's* graph (``functional_call`` + ``autograd.grad(
-   create_graph=True)`` + :func:`~dpg_lightning.optim.optimizer_step`), and pull the adjoint of
-   (parameters, Adam moments / SGD momentum) back through it with one vector-Jacobian product.
-   The same product yields ``dPhi/deps`` for the examples of that step's batch, since ``eps``
-   is a leaf of the local graph.
+   before step t, rebuild *that step's* gradient ``g`` with its graph (``functional_call`` +
+   ``autograd.grad(create_graph=True)``), and pull the adjoint of (parameters, Adam moments /
+   SGD momentum) back through the step: through the optimizer update in closed form
+   (:func:`~dpg_lightning.optim.update_vjp`, one parameter at a time), then through ``g`` with
+   one backward seeded with ``dPhi/dg`` (a Hessian-vector product). That backward also yields
+   ``dPhi/deps`` for the examples of that step's batch, since ``eps`` is a leaf of the local
+   graph.
 
-The math is not re-implemented: the step loss, per-example loss, parameter selection, optimizer
-update and metric wrapper are imported from :mod:`dpg_lightning.inner`,
-:mod:`dpg_lightning.optim` and :mod:`dpg_lightning.objectives`, so the tests can hold this
-backend to ``higher`` at 1e-6 in float64.
+The step loss, per-example loss, parameter selection, forward update and metric wrapper are
+imported from :mod:`dpg_lightning.inner`, :mod:`dpg_lightning.optim` and
+:mod:`dpg_lightning.objectives`. The one piece of math written for this backend is the update's
+derivative: autograd through the Adam update built a dozen weight-sized intermediates per step
+and took two thirds of a reverse step on a GPT-2-124M target (``benchmarks/README.md``); the
+closed form is held to autograd at 1e-12 in float64 (``tests/test_optim.py``), and the whole
+backend to ``higher`` at 1e-6 and to finite differences (``tests/test_replay.py``).
 
 **One working copy of the weights: the target's own.** Both passes update the target's trainable
 parameters *in place* (:func:`~dpg_lightning.optim.optimizer_step_`, bit for bit the functional
@@ -29,13 +34,13 @@ step but the first would need one weight-sized buffer more than the first (the s
 reloads), which is 475 MiB on a GPT-2-124M target. The price: the state before step 0 is saved
 like any other, and the target is restored from it bit for bit when the call returns or fails.
 
-**The adjoint travels as fetchers.** The reverse step contracts each updated parameter (and
-moment) with its adjoint in a node that fetches the adjoint only when the backward reaches it,
-and hands each part of the new adjoint on as soon as autograd has finished it (a moment's right
-after its update, long before the Hessian-vector product ends). With
-``inner.replay.offload_adjoint`` the parts wait in the checkpoint storage between steps, so the
-peak holds no adjoint at all: with Adam the carried adjoint is three weight copies, two of them
-(the moments') absent from a 1-step run, which made longer runs' peaks 1.2x a 1-step run's.
+**The adjoint travels as fetchers.** The reverse step fetches each parameter's part of the
+adjoint it carries only when it differentiates that parameter's update, and hands each part of
+the new adjoint on as soon as it is final (a moment's right there, a parameter's after the
+Hessian-vector product). With ``inner.replay.offload_adjoint`` the parts wait in the checkpoint
+storage between steps, so the peak holds no carried adjoint: with Adam that is three weight
+copies, two of them (the moments') absent from a 1-step run, which made longer runs' peaks
+1.2x a 1-step run's.
 
 Checkpointing is done at the level of whole inner steps, never with transformers' gradient
 checkpointing: that recompute runs after ``functional_call`` has restored the module's own
@@ -55,6 +60,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -479,6 +485,7 @@ def _reverse_step(
     grads = list(torch.autograd.grad(loss, p_in, create_graph=True, allow_unused=True))
     del loss
     before: Carried = ([None] * n, [None] * n, [None] * n)
+    explicit: list[Fetch | None] = [None] * n  # the parameters' adjoint, but for the HVP
     roots, seeds = [], []
     for j in range(n):
         fetched = [None if f is None else f() for f in (adj_p[j], adj_m[j], adj_v[j])]
@@ -497,24 +504,40 @@ def _reverse_step(
             p_in[j].detach(), g.detach(), m, v, state.step + 1, optim, tuple(fetched)
         )
         del fetched
-        if not first:
-            p_in[j].grad = dp  # the Hessian-vector product below accumulates onto it
+        if not first:  # each part goes at once (offloaded, it is freed once written)
+            explicit[j] = None if dp is None else keep(dp)
+            dp = None
             before[1][j] = None if dm is None else keep(dm)
-            dm = None  # an offloaded part is freed once written, not when this loop moves on
+            dm = None
             before[2][j] = None if dv is None else keep(dv)
         del dp, dm, dv
         roots.append(g)
         seeds.append(dg)
         del g, dg
     del adj_p, adj_m, adj_v, grads
+    hooks = [
+        p.register_post_accumulate_grad_hook(partial(_finish, before[0], explicit, j, keep))
+        for j, p in enumerate(p_in)
+        if not first
+    ]
     if roots:
         torch.autograd.backward(roots, seeds, inputs=[eps] if first else p_in + [eps])
     del roots, seeds
-    if not first:
-        for j, p in enumerate(p_in):
-            if p.grad is not None:
-                before[0][j], p.grad = keep(p.grad), None
+    for hook in hooks:
+        hook.remove()
+    for j, rest in enumerate(explicit):  # parameters the Hessian-vector product did not reach
+        if rest is not None:
+            before[0][j] = keep(rest())
     return before, eps.grad
+
+
+def _finish(out: list, explicit: list, j: int, keep: Keep, leaf: Tensor) -> None:
+    """Post-accumulate hook of parameter ``j``: once the Hessian-vector product has reached it,
+    its adjoint is final: add the explicit part and hand it on at once, so that the
+    parameters' new adjoint is never whole in memory while the backward runs."""
+    grad, leaf.grad = leaf.grad, None
+    rest, explicit[j] = explicit[j], None
+    out[j] = keep(grad if rest is None else rest().add_(grad))
 
 
 def replay_rewards(
