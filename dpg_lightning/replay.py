@@ -368,6 +368,26 @@ def _in_memory(x: Tensor) -> _Held:
     return _Held(x, x.device)
 
 
+class _Contract(torch.autograd.Function):
+    """``<x, seed>`` as a root of the backward, for its gradient only: it seeds ``x``'s graph
+    with ``seed`` while keeping neither ``x`` (a gradient whose graph is all that is still
+    needed: holding every ``g`` would be one more weight copy through the backward) nor, once
+    used, the seed (fetched when the backward reaches it). The backward of the sum of these
+    roots runs with the default seed 1, which sums pass on unchanged, so the seed is used as
+    fetched instead of multiplied by 1. The forward value is a placeholder zero.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fetch: Fetch) -> Tensor:
+        ctx.fetch = fetch
+        return x.new_zeros(())
+
+    @staticmethod
+    def backward(ctx, one: Tensor) -> tuple[Tensor, None]:
+        fetch, ctx.fetch = ctx.fetch, None  # keep nothing once used
+        return fetch(), None
+
+
 def _write(path: str, tensors: list[Tensor], mode: str = "wb") -> None:
     """Write ``tensors`` back to back, then empty the list (handed over by the caller): once the
     write's future is done, this thread keeps no reference, so an offloaded buffer is free."""
@@ -486,7 +506,7 @@ def _reverse_step(
     del loss
     before: Carried = ([None] * n, [None] * n, [None] * n)
     explicit: list[Fetch | None] = [None] * n  # the parameters' adjoint, but for the HVP
-    roots, seeds = [], []
+    total = None  # sum of <g, dPhi/dg>: the root of the Hessian-vector product
     for j in range(n):
         fetched = [None if f is None else f() for f in (adj_p[j], adj_m[j], adj_v[j])]
         adj_p[j] = adj_m[j] = adj_v[j] = None
@@ -511,8 +531,9 @@ def _reverse_step(
             dm = None
             before[2][j] = None if dv is None else keep(dv)
         del dp, dm, dv
-        roots.append(g)
-        seeds.append(dg)
+        if g.requires_grad:
+            term = _Contract.apply(g, _Held(dg, dg.device))
+            total = term if total is None else total + term
         del g, dg
     del adj_p, adj_m, adj_v, grads
     hooks = [
@@ -520,9 +541,9 @@ def _reverse_step(
         for j, p in enumerate(p_in)
         if not first
     ]
-    if roots:
-        torch.autograd.backward(roots, seeds, inputs=[eps] if first else p_in + [eps])
-    del roots, seeds
+    if total is not None:
+        torch.autograd.backward(total, inputs=[eps] if first else p_in + [eps])
+    del total
     for hook in hooks:
         hook.remove()
     for j, rest in enumerate(explicit):  # parameters the Hessian-vector product did not reach
