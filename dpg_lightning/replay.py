@@ -483,14 +483,16 @@ def _reverse_step(
     update itself is differentiated in closed form (:func:`~dpg_lightning.optim.update_vjp`),
     one parameter at a time, which gives the moments' adjoints, the explicit part of the
     parameters' adjoint and ``dPhi/dg``. One backward from ``g`` with ``dPhi/dg`` as its seed
-    (a Hessian-vector product) then adds the rest to the parameters' adjoint and gives
-    ``dPhi/deps`` for this step's examples, ``eps`` being a leaf of the local graph.
+    (a Hessian-vector product, rooted in :class:`_Contract` nodes) then adds the rest to the
+    parameters' adjoint and gives ``dPhi/deps`` for this step's examples, ``eps`` being a leaf
+    of the local graph.
 
     The adjoint comes in ``box`` (a one-item list, emptied here) as one-shot fetchers
     (:data:`Carried`) so that the caller holds no reference to it; each parameter's part is
     fetched when that parameter's update is differentiated and released right after. The new
-    adjoint's parts go to ``keep`` as soon as they are final: the moments' in that same loop,
-    the parameters' after the backward, which accumulates onto their explicit part in place.
+    adjoint's parts go to ``keep`` as soon as they are final: the moments' and the explicit
+    parts in that same loop, each parameter's whole adjoint when the backward reaches it
+    (:func:`_finish`).
     Returns ``(adjoint_before, dPhi/deps)``. For the ``first`` step the adjoint of the initial
     state is never used, so only ``dPhi/deps`` is computed. ``params``/``state`` are only read
     (the graph is gone when this returns, so the caller may then overwrite them).
