@@ -198,7 +198,7 @@ def update_vjp(
     :func:`optimizer_step` in float64 for every optimizer setting (``tests/test_optim.py``).
     ``adj`` tensors may be overwritten (the caller hands them over).
     """
-    P, M, V = (None if a is None else (a if a.is_contiguous() else a.contiguous()) for a in adj)
+    P, M, V = (None if a is None else a.contiguous() for a in adj)
     wd, lr = cfg.weight_decay, cfg.lr
     if cfg.name == "sgd":
         # p' = p - lr * b',  b' = g_eff (step 1) or mu * b + g_eff,  g_eff = g + wd * p

@@ -254,10 +254,7 @@ class _Store:
             self.memory[t] = _pack(params, state, self.slots)
             return
         self.wait()
-        tensors = [
-            x if x.device.type == "cpu" else x.to("cpu")
-            for x in _tensors(params, state, self.slots)
-        ]
+        tensors = [x.to("cpu") for x in _tensors(params, state, self.slots)]  # self on CPU
         self.steps[t] = state.step
         self._pending.append(self._writer.submit(_write, self._path(t), tensors))
 
@@ -317,8 +314,7 @@ class _Store:
 
         def keep(x: Tensor) -> _OnDisk:
             nonlocal offset
-            host = x if x.device.type == "cpu" else x.to("cpu")
-            future = self._writer.submit(_write, path, [host], "ab")
+            future = self._writer.submit(_write, path, [x.to("cpu")], "ab")
             self._pending.append(future)
             fetcher = _OnDisk(future, path, offset, x)
             offset += x.numel() * x.element_size()
@@ -356,11 +352,11 @@ class _OnDisk:
 
     def __call__(self) -> Tensor:
         self.written.result()
-        x = torch.empty(self.shape, dtype=self.dtype)
+        x = torch.empty(self.shape, dtype=self.dtype, device=self.device)
         with open(self.path, "rb", buffering=0) as f:
             f.seek(self.offset)
             _read_into(f, x, self.path)
-        return x.to(self.device)
+        return x
 
 
 def _in_memory(x: Tensor) -> _Held:
@@ -534,14 +530,13 @@ def _reverse_step(
             before[2][j] = None if dv is None else keep(dv)
         del dp, dm, dv
         if g.requires_grad:
-            term = _Contract.apply(g, _Held(dg, dg.device))
+            term = _Contract.apply(g, _in_memory(dg))
             total = term if total is None else total + term
         del g, dg
     del adj_p, adj_m, adj_v, grads
-    hooks = [
+    hooks = [] if first else [
         p.register_post_accumulate_grad_hook(partial(_finish, before[0], explicit, j, keep))
         for j, p in enumerate(p_in)
-        if not first
     ]
     if total is not None:
         torch.autograd.backward(total, inputs=[eps] if first else p_in + [eps])
