@@ -35,11 +35,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dpg_lightning.data import PromptDataModule  # noqa: E402
-from dpg_lightning.inner import InnerConfig, trainable_names  # noqa: E402
+from dpg_lightning.inner import InnerConfig, InnerOptimConfig, trainable_names  # noqa: E402
 from dpg_lightning.models import ModelConfig, load_tokenizer  # noqa: E402
 from dpg_lightning.module import DPGModule  # noqa: E402
 from dpg_lightning.objectives import check_objective  # noqa: E402
-from dpg_lightning.optim import InnerOptimConfig  # noqa: E402
 from dpg_lightning.policy import PolicyConfig  # noqa: E402
 from dpg_lightning.pretrain import pretrain, read_texts  # noqa: E402
 from dpg_lightning.rollout import SamplingConfig, sample_rollout  # noqa: E402

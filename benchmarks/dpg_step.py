@@ -13,7 +13,7 @@ with its outputs redirected to a temporary directory.
 
 Usage::
 
-    python benchmarks/dpg_step.py                   # 12 steps + KV cache + whole demo (~5 min here)
+    python benchmarks/dpg_step.py                   # 12 steps + KV cache + whole demo
     python benchmarks/dpg_step.py --no-demo --steps 6
 """
 

@@ -1,6 +1,6 @@
 """Memory knobs of the inner SFT, side by side: peak memory and time of one metagradient.
 
-Run it as a script (``python benchmarks/knobs.py``): it imports ``metagrad_cost`` from its own
+Run it as a script (``python benchmarks/knobs.py``): it imports ``harness`` from its own
 directory.
 
 Knobs (``InnerConfig``): which parameters the inner SFT trains (``train_params``: all, the LM
@@ -10,11 +10,11 @@ memory for exactness or for a different SFT, so each row also reports how well i
 agree with the full-precision, all-parameter rewards of the same run (Pearson r; rewards of a
 different SFT are expected to differ, bf16 and checkpointing are not).
 
-The measurement method is ``metagrad_cost.py``'s, and its helpers are imported from it: CPU
-time with one intra-op thread, the fastest of interleaved repeats, and peak memory as the extra
-memory of one call above what was live before it (``torch.cuda.max_memory_allocated`` on CUDA;
-on CPU the resident-set peak, measured in a child process with glibc told to hand freed buffers
-back to the OS).
+The measurement method is ``harness.py``'s (which says why), shared with ``metagrad_cost.py``:
+CPU time with one intra-op thread, the fastest of interleaved repeats, and peak memory as the
+extra memory of one call above what was live before it (``torch.cuda.max_memory_allocated`` on
+CUDA; on CPU the resident-set peak, measured in a child process with glibc told to hand freed
+buffers back to the OS).
 
 ``Phi`` here is the negative mean token loss of the target on a fixed held-out batch, not the
 LM-head norm: a metric of the LM head alone would not depend on the last blocks' weights, so the
@@ -22,7 +22,7 @@ last-N-blocks rows would have nothing to differentiate.
 
 Usage::
 
-    python benchmarks/knobs.py                          # small (3.3M) GPT-2 shape, 4 steps
+    python benchmarks/knobs.py                          # small GPT-2 shape, 4 steps
     python benchmarks/knobs.py --size gpt2 --steps 2 --device cuda
     python benchmarks/knobs.py --arch llama             # untied LM head
 """
@@ -33,33 +33,32 @@ import argparse
 import gc
 import json
 import os
-import platform
-import subprocess
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
-from metagrad_cost import (
-    GPT2_VOCAB,
-    MALLOC_ENV,
+from harness import (
     SIZES,
-    HeldOutLoss,
-    _mib,
-    _peak,
+    build_target,
+    fastest,
+    held_out_loss,
+    lowest_peak,
+    machine_line,
     make_data,
     measure,
+    memory_in_child,
+    mib,
+    reexec_with_malloc_env,
 )
 
 from dpg_lightning.inner import (
     InnerConfig,
+    InnerOptimConfig,
     inner_order,
     metagradient_rewards,
     run_sft,
     trainable_names,
 )
-from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
-from dpg_lightning.optim import InnerOptimConfig
 
 
 @dataclass
@@ -118,18 +117,13 @@ def run(args: argparse.Namespace) -> list[Row]:
     """Measure every knob on one target, interleaved ``repeats`` times (fastest run kept)."""
     device = torch.device(args.device)
     memory = args.measure == "memory" or (args.measure == "both" and device.type == "cuda")
-    shape = dict(SIZES[args.size])
-    mcfg = ModelConfig(arch=args.arch, **shape)
-    tokenizer = load_tokenizer(mcfg)
-    vocab = GPT2_VOCAB if args.size == "gpt2" else len(tokenizer)
-    target = build_model(mcfg, vocab).requires_grad_(False).to(device)
+    target, tokenizer = build_target(args.size, device, arch=args.arch)
     n_params = sum(p.numel() for p in target.parameters())
     data = make_data(tokenizer, args.steps * args.batch_size, args.chars, seed=0).to(device)
-    held = make_data(tokenizer, 4, args.chars, seed=1).to(device)
-    phi = HeldOutLoss(held.input_ids, held.attention_mask, held.labels)
+    phi = held_out_loss(tokenizer, args.chars, 1, device)
     order = inner_order(len(data), args.batch_size, False, 0)
     optim = InnerOptimConfig("adam", lr=1e-4, eps_root=1e-8)
-    rows_knobs = knobs(args.arch, shape["num_layers"])
+    rows_knobs = knobs(args.arch, SIZES[args.size]["num_layers"])
     if args.measure != "memory":
         print(
             f"\n## {args.size} {args.arch}: {n_params / 1e6:.1f}M parameters, Adam, "
@@ -158,19 +152,19 @@ def run(args: argparse.Namespace) -> list[Row]:
         for name, fn in methods.items():
             runs[name].append(measure(fn, device, memory))
             gc.collect()
-    sft = min(runs["sft"], key=lambda r: r.cpu)
+    sft = fastest(runs, "sft")
     ref = runs["all (func)"][0].out[0]
     named = dict(target.named_parameters())
     rows = []
     for k in rows_knobs:
-        best = min(runs[k.name], key=lambda r: r.cpu)
+        best = fastest(runs, k.name)
         rewards = best.out[0].float()
         pearson = float(torch.corrcoef(torch.stack([ref.float(), rewards]))[0, 1])
         trained = sum(named[n].numel() for n in trainable_names(target, k.train_params))
         rows.append(
             Row(
                 knob=k.name, trained=trained / 1e6, cpu=best.cpu, wall=best.wall,
-                sft_cpu=sft.cpu, peak=_peak(runs, k.name), sft_peak=_peak(runs, "sft"),
+                sft_cpu=sft.cpu, peak=lowest_peak(runs, k.name), sft_peak=lowest_peak(runs, "sft"),
                 pearson=pearson,
             )
         )
@@ -191,9 +185,9 @@ def table(rows: list[Row]) -> str:
         peak_ratio = "n/a" if r.peak is None or not base.peak else f"{r.peak / base.peak:.2f}"
         out.append(
             f"| {r.knob} | {r.trained:.2f} | {r.cpu:.2f} | {r.cpu / r.sft_cpu:.2f} "
-            f"| {r.cpu / base.cpu:.2f} | {_mib(r.peak)} | {peak_ratio} | {r.pearson:.4f} |"
+            f"| {r.cpu / base.cpu:.2f} | {mib(r.peak)} | {peak_ratio} | {r.pearson:.4f} |"
         )
-    out.append(f"\nplain SFT (all, func): {base.sft_cpu:.2f} CPU s, peak {_mib(base.sft_peak)} MiB")
+    out.append(f"\nplain SFT (all, func): {base.sft_cpu:.2f} CPU s, peak {mib(base.sft_peak)} MiB")
     return "\n".join(out)
 
 
@@ -211,30 +205,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--measure", choices=["time", "memory", "both"], default="both")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    script = [sys.executable, os.path.abspath(__file__)]
+    script = os.path.abspath(__file__)
     if args.device == "cpu" and args.measure == "memory":
-        if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-            # glibc reads these before the first allocation: re-execute with them set.
-            os.execve(sys.executable, [*script, *argv], {**os.environ, **MALLOC_ENV})
+        # glibc reads these before the first allocation: re-execute with them set.
+        reexec_with_malloc_env(script, argv)
     torch.set_num_threads(args.threads)
     if args.measure != "memory":
-        print(
-            f"machine: {platform.node()} {platform.processor() or platform.machine()}, "
-            f"{os.cpu_count()} cores, torch {torch.__version__}, device {args.device}, "
-            f"{args.threads} thread(s)"
-        )
+        print(machine_line(args.device, args.threads))
     rows = run(args)
     if args.device == "cpu" and args.measure == "both":
-        # Peaks in a child with the freeing allocator (see metagrad_cost._memory_in_child).
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "memory.json")
-            rest = [a for a in argv if not a.startswith("--measure")]
-            subprocess.run(
-                [*script, *rest, "--measure", "memory", "--json-out", out],
-                env={**os.environ, **MALLOC_ENV}, check=True,
-            )
-            with open(out) as f:
-                peaks = {r["knob"]: r for r in json.load(f)}
+        # Peaks in a child with the freeing allocator (see harness.memory_in_child).
+        peaks = {r["knob"]: r for r in memory_in_child(script, argv)}
         for r in rows:
             r.peak, r.sft_peak = peaks[r.knob]["peak"], peaks[r.knob]["sft_peak"]
     if args.json_out:

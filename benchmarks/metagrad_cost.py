@@ -7,19 +7,12 @@ Measured side by side in one process, on the same target, data and inner steps:
 * ``replay``: the step-wise backend (graph-free forward with checkpoints, then one step's graph
   at a time backwards), checkpoint policy and storage from the flags.
 
-Methods run interleaved ``--repeats`` times and each keeps its fastest run (the box may be
-shared: the fastest is the least disturbed). Times are reported as ratios to ``sft``, which are
-far more stable under contention than seconds, and as CPU time (``time.process_time``, one
-intra-op thread by default) as well as wall time: CPU time does not count the time spent waiting
-for a core that other jobs hold. The replay forward/reverse split is its wall-time split
-applied to its CPU time. Peak memory is the extra memory of one call above what was live before
-it: on CUDA ``torch.cuda.max_memory_allocated`` (exact, tensors only); on CPU the process's peak
-resident set (``VmHWM``, reset through ``/proc/self/clear_refs``) minus its resident set before
-the call. For the CPU number to track tensor memory, peaks are measured in a child process
-started with glibc's ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` set so that freed
-tensor buffers go back to the OS instead of staying in the heap (times are measured here, with
-the normal allocator, since returning every buffer costs page faults); small-model peaks (a few
-MiB) are still within allocator noise, so read memory ratios on the ``gpt2`` size.
+Measurement (``harness.py``, which says why): CPU time with one intra-op thread and wall time,
+the fastest of ``--repeats`` interleaved runs per method, and peak memory as the extra above what
+was live before the call (on CPU measured in a child process with a freeing allocator). Times
+are reported as ratios to ``sft``, far steadier under contention than seconds; the replay
+forward/reverse split is its wall-time split applied to its CPU time. Small-model peaks (a few
+MiB) are within allocator noise, so read memory ratios on the ``gpt2`` size.
 
 Usage::
 
@@ -31,51 +24,37 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
-import platform
-import random
-import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor, nn
+from harness import (
+    SIZES,
+    Run,
+    build_target,
+    fastest,
+    lowest_peak,
+    machine_line,
+    make_data,
+    make_phi,
+    measure,
+    memory_in_child,
+    mib,
+    ratio,
+    reexec_with_malloc_env,
+)
 
 from dpg_lightning.inner import (
     InnerConfig,
+    InnerOptimConfig,
+    ReplayConfig,
     inner_order,
     metagradient_rewards,
-    per_example_loss,
     run_sft,
-    tokenize_examples,
 )
-from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
-from dpg_lightning.objectives import LMHeadL2Norm
-from dpg_lightning.optim import InnerOptimConfig
-from dpg_lightning.replay import ReplayConfig
-
-SIZES = {
-    "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
-    # Between the two: big enough that peak memory stands clear of allocator noise, small
-    # enough for 64 inner steps on a CPU.
-    "small": dict(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
-    # GPT-2 124M shape, random weights, built from config (no download).
-    "gpt2": dict(
-        hidden_size=768,
-        num_layers=12,
-        num_heads=12,
-        intermediate_size=3072,
-        max_position_embeddings=1024,
-    ),
-}
-GPT2_VOCAB = 50257
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
 @dataclass
@@ -98,102 +77,6 @@ class Row:
     weight_bytes: int = 0  # the target's own weights, live before every call
 
 
-def _status(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-@dataclass
-class Run:
-    """One call's CPU seconds, wall seconds, peak extra bytes (or None) and result."""
-
-    cpu: float
-    wall: float
-    peak: int | None
-    out: object
-
-
-def measure(fn: Callable[[], object], device: torch.device, memory: bool) -> Run:
-    """Run ``fn`` once; with ``memory``, also its peak above the memory live before it.
-
-    CPU time (``time.process_time``) is the headline on a shared CPU: with one intra-op thread
-    it counts this process's work and not the time it waited for a core, which wall time does.
-    """
-    gc.collect()
-    before = None
-    if memory and device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    elif memory:
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset VmHWM to the current resident set
-            before = _status("VmRSS")
-        except OSError:
-            before = None
-    cpu, wall = time.process_time(), time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    peak = None
-    if before is not None and device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() - before
-    elif before is not None:
-        hwm = _status("VmHWM")
-        peak = None if hwm is None else hwm - before
-    return Run(cpu, wall, peak, out)
-
-
-class HeldOutLoss:
-    """``Phi = -mean token loss`` on a fixed batch: depends on every parameter of the target."""
-
-    def __init__(self, ids: Tensor, mask: Tensor, labels: Tensor) -> None:
-        self.ids, self.mask, self.labels = ids, mask, labels
-
-    def __call__(self, target: nn.Module) -> Tensor:
-        logits = target(self.ids, attention_mask=self.mask).logits
-        return -per_example_loss(logits.float(), self.labels).mean()
-
-
-def make_phi(name: str, tokenizer, chars: int, device: torch.device):
-    """``head_norm``: ``-||W_lmhead||`` (reads the head only); ``loss``: :class:`HeldOutLoss`.
-
-    The choice matters for memory at 1 inner step: the adjoint ``dPhi/dparams`` that the
-    reverse pass carries is then only as dense as ``Phi``'s own gradient (one matrix for
-    ``head_norm``), while from 2 steps on it is dense in every trained parameter whatever
-    ``Phi`` is. ``loss`` makes the 1-step peak representative of longer loops.
-    """
-    if name == "head_norm":
-        return LMHeadL2Norm()
-    held = make_data(tokenizer, 4, chars, seed=10**6).to(device)
-    return HeldOutLoss(held.input_ids, held.attention_mask, held.labels)
-
-
-def make_data(tokenizer, n: int, chars: int, seed: int):
-    """``n`` random lowercase strings of ``chars`` bytes (byte tokenizer: chars + 2 tokens)."""
-    rng = random.Random(seed)
-    letters = "abcdefghij klmnopqrstuvwxyz"
-    texts = ["".join(rng.choice(letters) for _ in range(chars)) for _ in range(n)]
-    return tokenize_examples(texts, tokenizer, chars + 2)
-
-
-def _fastest(runs: dict[str, list[Run]], name: str) -> Run | None:
-    return min(runs[name], key=lambda run: run.cpu) if name in runs else None
-
-
-def _peak(runs: dict[str, list[Run]], name: str) -> int | None:
-    peaks = [run.peak for run in runs.get(name, []) if run.peak is not None]
-    return min(peaks) if peaks else None
-
-
 def run_size(args: argparse.Namespace, size: str, steps: list[int]) -> list[Row]:
     """Measure every method at every step count on one target size.
 
@@ -202,10 +85,7 @@ def run_size(args: argparse.Namespace, size: str, steps: list[int]) -> list[Row]
     """
     device = torch.device(args.device)
     memory = args.measure in ("memory", "both")
-    mcfg = ModelConfig(arch="gpt2", dtype=args.dtype, **SIZES[size])
-    tokenizer = load_tokenizer(mcfg)
-    vocab = GPT2_VOCAB if size == "gpt2" else len(tokenizer)  # tiny/small: byte vocabulary
-    target = build_model(mcfg, vocab).requires_grad_(False).to(device)
+    target, tokenizer = build_target(size, device, arch="gpt2", dtype=args.dtype)
     n_params = sum(p.numel() for p in target.parameters())
     print(
         f"\n## {size}: GPT-2 shaped, {n_params / 1e6:.1f}M parameters, {args.dtype}, "
@@ -264,7 +144,7 @@ def run_size(args: argparse.Namespace, size: str, steps: list[int]) -> list[Row]
             for name, fn in methods.items():
                 runs[name].append(measure(fn, device, memory))
 
-        s, h, r = (_fastest(runs, name) for name in ("sft", "higher", "replay"))
+        s, h, r = (fastest(runs, name) for name in ("sft", "higher", "replay"))
         split = replay_times[runs["replay"].index(r)]
         rel = None
         if h is not None:
@@ -280,9 +160,9 @@ def run_size(args: argparse.Namespace, size: str, steps: list[int]) -> list[Row]
             replay_cpu=r.cpu,
             replay_wall=r.wall,
             replay_fwd_share=split["inner_sft"] / (split["inner_sft"] + split["attribution"]),
-            sft_peak=_peak(runs, "sft"),
-            higher_peak=_peak(runs, "higher"),
-            replay_peak=_peak(runs, "replay"),
+            sft_peak=lowest_peak(runs, "sft"),
+            higher_peak=lowest_peak(runs, "higher"),
+            replay_peak=lowest_peak(runs, "replay"),
             rel_diff=rel,
             weight_bytes=weight_bytes,
         )
@@ -291,14 +171,6 @@ def run_size(args: argparse.Namespace, size: str, steps: list[int]) -> list[Row]
         del data, runs, s, h, r
         gc.collect()
     return rows
-
-
-def _mib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.1f}"
-
-
-def _ratio(a: float | None, b: float | None) -> str:
-    return "n/a" if a is None or not b else f"{a / b:.2f}"
 
 
 HEADER = (
@@ -314,11 +186,11 @@ def format_row(r: Row) -> str:
     rel = "n/a" if r.rel_diff is None else f"{r.rel_diff:.1e}"
     fwd = r.replay_cpu * r.replay_fwd_share
     return (
-        f"| {r.size} | {r.steps} | {r.sft_cpu:.3f} | {_ratio(r.higher_cpu, r.sft_cpu)} "
-        f"| {_ratio(r.replay_cpu, r.sft_cpu)} | {_ratio(fwd, r.sft_cpu)} "
-        f"| {_ratio(r.replay_cpu - fwd, r.sft_cpu)} | {_ratio(r.higher_wall, r.sft_wall)} "
-        f"| {_ratio(r.replay_wall, r.sft_wall)} | {_mib(r.sft_peak)} | {_mib(r.higher_peak)} "
-        f"| {_mib(r.replay_peak)} | {rel} |"
+        f"| {r.size} | {r.steps} | {r.sft_cpu:.3f} | {ratio(r.higher_cpu, r.sft_cpu)} "
+        f"| {ratio(r.replay_cpu, r.sft_cpu)} | {ratio(fwd, r.sft_cpu)} "
+        f"| {ratio(r.replay_cpu - fwd, r.sft_cpu)} | {ratio(r.higher_wall, r.sft_wall)} "
+        f"| {ratio(r.replay_wall, r.sft_wall)} | {mib(r.sft_peak)} | {mib(r.higher_peak)} "
+        f"| {mib(r.replay_peak)} | {rel} |"
     )
 
 
@@ -337,7 +209,7 @@ def memory_summary(rows: list[Row]) -> list[str]:
             continue
         hs = [r for r in rs if r.higher_peak is not None]
         h = (
-            f"higher {_ratio(hs[-1].higher_peak, hs[0].higher_peak)}x "
+            f"higher {ratio(hs[-1].higher_peak, hs[0].higher_peak)}x "
             f"({hs[0].steps} -> {hs[-1].steps} steps)"
             if len(hs) > 1
             else "higher n/a"
@@ -345,14 +217,14 @@ def memory_summary(rows: list[Row]) -> list[str]:
         w = first.weight_bytes
         out.append(
             f"{size}: peak({last.steps} steps) / peak({first.steps} step): "
-            f"replay {_ratio(last.replay_peak, first.replay_peak)}x extra, "
-            f"{_ratio(last.replay_peak + w, first.replay_peak + w)}x with the weights "
-            f"({_mib(w)} MiB), {h}"
+            f"replay {ratio(last.replay_peak, first.replay_peak)}x extra, "
+            f"{ratio(last.replay_peak + w, first.replay_peak + w)}x with the weights "
+            f"({mib(w)} MiB), {h}"
         )
         if len(rs) > 2 and rs[1].replay_peak:
             out.append(
                 f"{size}: replay peak({last.steps}) / peak({rs[1].steps}): "
-                f"{_ratio(last.replay_peak, rs[1].replay_peak)}x extra"
+                f"{ratio(last.replay_peak, rs[1].replay_peak)}x extra"
             )
     return out
 
@@ -421,52 +293,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _memory_in_child(argv: list[str]) -> dict[tuple[str, int], dict]:
-    """Peak memory measured in a child process with the glibc settings of ``MALLOC_ENV``.
-
-    Timing runs in this process with the normal allocator (forcing every freed buffer back to
-    the OS costs page faults and would inflate every time); memory runs in a child where freed
-    buffers do go back, so its resident-set peak follows tensor memory.
-    """
-    gc.collect()
-    try:  # hand the timing pass's freed heap back to the OS while the child runs
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "memory.json")
-        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--measure", "memory"]
-        subprocess.run([*cmd, "--json-out", out], env={**os.environ, **MALLOC_ENV}, check=True)
-        with open(out) as f:
-            return {(r["size"], r["steps"]): r for r in json.load(f)}
-
-
-def _without_measure(argv: list[str]) -> list[str]:
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a == "--measure":
-            skip = True
-        elif not a.startswith("--measure="):
-            out.append(a)
-    return out
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     cpu_memory = args.device == "cpu" and args.measure in ("memory", "both")
     if cpu_memory and args.measure == "memory":
-        if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-            # glibc must be told before the first allocation: re-execute with the settings.
-            script = [sys.executable, os.path.abspath(__file__), *argv]
-            os.execve(sys.executable, script, {**os.environ, **MALLOC_ENV})
+        # glibc must be told before the first allocation: re-execute with the settings.
+        reexec_with_malloc_env(os.path.abspath(__file__), argv)
     torch.set_num_threads(args.threads)
-    cpu = platform.processor() or platform.machine()
     print(
-        f"machine: {platform.node()} {cpu}, {os.cpu_count()} cores, torch "
-        f"{torch.__version__}, device {args.device}, {args.threads} thread(s), "
+        f"{machine_line(args.device, args.threads)}, "
         f"replay {args.policy}/{args.storage}"
         f"{', adjoint offloaded' if args.offload_adjoint else ''}, measure {args.measure}"
     )
@@ -482,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
             json.dump([asdict(r) for r in rows], f)
     if cpu_memory and args.measure == "time":
         print("\nmeasuring peak memory in a child process ...", flush=True)
-        peaks = _memory_in_child(_without_measure(argv))
+        child = memory_in_child(os.path.abspath(__file__), argv)
+        peaks = {(r["size"], r["steps"]): r for r in child}
         for r in rows:
             m = peaks[r.size, r.steps]
             r.sft_peak, r.higher_peak, r.replay_peak = (

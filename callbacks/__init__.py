@@ -5,7 +5,7 @@ Add them to a config's ``trainer.callbacks`` list, e.g. ``class_path: callbacks.
 
 from callbacks.hparams import StructuredHparams
 from callbacks.metrics import RolloutMetrics, VarianceMetric
-from callbacks.plots import LMHeadPatchImage, PhiCurvePlot, decode_qr
+from callbacks.plots import LMHeadPatchImage, PhiCurvePlot
 from callbacks.samples import SampleWriter
 
 __all__ = [
@@ -15,5 +15,4 @@ __all__ = [
     "SampleWriter",
     "StructuredHparams",
     "VarianceMetric",
-    "decode_qr",
 ]

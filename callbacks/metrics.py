@@ -20,6 +20,8 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, Metric, MinMetric, SumMetric
 
+from dpg_lightning.step_output import StepOutput
+
 
 class VarianceMetric(Metric):
     """Unbiased variance of all values seen (sums in float64, so it syncs across ranks).
@@ -114,8 +116,9 @@ class RolloutMetrics(L.Callback):
         if self._batch_start is not None:
             self._seconds += time.perf_counter() - self._batch_start
             self._batch_start = None
-        if isinstance(outputs, dict) and "rewards" in outputs:
-            self._update(outputs, trainer.strategy.root_device)
+        step = StepOutput.of(outputs)
+        if step is not None:
+            self._update(step, trainer.strategy.root_device)
         # Compute only when Lightning writes this step's logs, so the window covers every step
         # since the previous write (logging every step would keep only the last one).
         if getattr(trainer._logger_connector, "should_update_logs", True):
@@ -123,9 +126,9 @@ class RolloutMetrics(L.Callback):
             if values:
                 pl_module.log_dict(values, on_step=True, on_epoch=False, batch_size=1)
 
-    def _update(self, outputs: dict, device: torch.device) -> None:
+    def _update(self, step: StepOutput, device: torch.device) -> None:
         m = self.metrics
-        rewards = outputs["rewards"].detach().to(device, torch.float64)
+        rewards = step.rewards.detach().to(device, torch.float64)
         finite = torch.isfinite(rewards)
         m["reward_nonfinite_share"].update((~finite).double())
         rewards = rewards[finite]
@@ -133,17 +136,17 @@ class RolloutMetrics(L.Callback):
             for key in ("reward_mean", "reward_var", "reward_min", "reward_max"):
                 m[key].update(rewards)
             m["reward_positive_share"].update((rewards > 0).double())
-        advantages = outputs.get("advantages")
+        advantages = step.advantages
         if advantages is not None and advantages.numel():
             advantages = advantages.detach().to(device, torch.float64)
             for key in ("advantage_mean", "advantage_var", "advantage_min", "advantage_max"):
                 m[key].update(advantages)
-        texts = outputs.get("texts") or []
+        texts = step.texts
         if texts:
             lengths = torch.tensor([len(t) for t in texts], dtype=torch.float64, device=device)
             m["completion_chars"].update(lengths)
             m["empty_share"].update((lengths == 0).double())
-        m["examples"].update(torch.tensor(float(outputs["rewards"].numel())))
+        m["examples"].update(torch.tensor(float(step.rewards.numel())))
 
     def compute_and_reset(self) -> dict[str, float]:
         """The window's values (metrics that saw no data are left out), then a new window."""

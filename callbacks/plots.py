@@ -20,7 +20,8 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from callbacks.samples import run_dir
-from dpg_lightning.inner import inner_order, run_sft, tokenize_examples
+from dpg_lightning.patterns import decode_qr, load_bitmap
+from dpg_lightning.step_output import StepOutput
 
 
 def _log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
@@ -94,9 +95,9 @@ def load_image(
 ) -> np.ndarray | None:
     """A 2-D float array from an array, a ``.npy`` file, or a pattern name (``None`` passes).
 
-    Any other string goes to ``dpg_lightning.patterns.load_bitmap`` when that module exists
-    (``67``, ``qr`` with ``qr_text``, a black/white ``.png``), so the callback can name the same
-    image as the pattern objective in a config.
+    Any other string goes to :func:`dpg_lightning.patterns.load_bitmap` (``67``, ``qr`` with
+    ``qr_text``, a black/white ``.png``), so the callback can name the same image as the
+    pattern objective in a config.
     """
     if image is None:
         return None
@@ -105,12 +106,6 @@ def load_image(
         if path.suffix.lower() == ".npy" and path.is_file():
             array = np.load(path)
         else:
-            try:
-                from dpg_lightning.patterns import load_bitmap
-            except ImportError as err:
-                raise ValueError(
-                    f"target_image {str(image)!r} is not an existing .npy file"
-                ) from err
             array = load_bitmap(str(image), qr_text)
     else:
         array = np.asarray(image)
@@ -120,22 +115,13 @@ def load_image(
     return array
 
 
-def decode_qr(sign: np.ndarray, module_px: int = 8) -> str | None:
-    """Text of a QR code drawn by a ``{-1, 0, 1}`` patch (one entry per QR module), else None.
+def read_drawn_qr(sign: np.ndarray) -> str | None:
+    """The text of a QR code drawn as a ``{-1, 0, 1}`` patch (one entry per module), else None.
 
-    Which sign is "dark" depends on the objective, so both are tried; unchanged entries count
-    as light. A white quiet zone of 4 modules is added, as QR readers require.
+    Which sign is "dark" depends on the objective's convention, so both are tried; unchanged
+    entries count as light.
     """
-    import zxingcpp
-
-    for dark in (1, -1):
-        img = np.where(sign == dark, 0, 255).astype(np.uint8)
-        img = np.kron(img, np.ones((module_px, module_px), dtype=np.uint8))
-        img = np.pad(img, 4 * module_px, constant_values=255)
-        for result in zxingcpp.read_barcodes(img):
-            if result.valid and result.text:
-                return result.text
-    return None
+    return decode_qr(sign > 0) or decode_qr(sign < 0)
 
 
 class LMHeadPatchImage(L.Callback):
@@ -163,7 +149,7 @@ class LMHeadPatchImage(L.Callback):
         qr_text: the text of ``target_image: qr``.
         every_n_steps: render every N training steps.
         dirname: output folder inside the run directory.
-        decode_qr: try to read the patch as a QR code (needs the ``zxing-cpp`` package).
+        decode_qr: try to read the patch as a QR code (either polarity).
     """
 
     def __init__(
@@ -188,8 +174,6 @@ class LMHeadPatchImage(L.Callback):
                 f"target_image has shape {self.target_image.shape}, the patch is "
                 f"({height}, {width}): they must match"
             )
-        if decode_qr:
-            import zxingcpp  # noqa: F401  (fail at start-up, not after hours of training)
         self.every_n_steps, self.dirname, self.decode_qr = every_n_steps, dirname, decode_qr
         self.output_path: Path | None = None
         self.last_sign: np.ndarray | None = None
@@ -224,9 +208,10 @@ class LMHeadPatchImage(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.output_path is None or not isinstance(outputs, dict) or not outputs.get("texts"):
+        output = StepOutput.of(outputs)
+        if self.output_path is None or output is None or not output.texts:
             return
-        self._texts = list(outputs["texts"])
+        self._texts = list(output.texts)
         if self._step % self.every_n_steps == 0:
             self.render(trainer, pl_module, self._texts, self._step)
 
@@ -235,22 +220,16 @@ class LMHeadPatchImage(L.Callback):
             self.render(trainer, pl_module, self._texts, self._step)
 
     def patch_after_sft(self, pl_module: L.LightningModule, texts: list[str]) -> torch.Tensor:
-        """The patch of the target's LM head after a plain inner SFT on ``texts``."""
+        """The patch of the target's LM head after the module's plain inner SFT on ``texts``."""
         row, col, height, width = self.box
-        inner = pl_module.inner
-        data = tokenize_examples(texts, pl_module.target_tokenizer, inner.max_length)
-        data = data.to(pl_module.device)
-        batch_size = min(inner.batch_size, len(data))
-        order = inner_order(len(data), batch_size, inner.shuffle, pl_module.seed)
         captured: dict[str, torch.Tensor] = {}
 
         def capture(target: torch.nn.Module) -> torch.Tensor:
             weight = target.get_output_embeddings().weight
             captured["patch"] = weight[row : row + height, col : col + width].detach().clone()
-            return pl_module.metric(target)
+            return weight.sum()  # any scalar: only the trained weights are wanted
 
-        eps = torch.ones(len(data), device=pl_module.device)
-        run_sft(pl_module.target, data, eps, capture, inner, order, False)
+        pl_module.sft_on_texts(texts, capture)
         return captured["patch"]
 
     def render(
@@ -276,7 +255,7 @@ class LMHeadPatchImage(L.Callback):
             want = np.where(self.target_image > mid, 1, -1)
             metrics["patch/match"] = float((sign == want).mean())
         if self.decode_qr:
-            text = decode_qr(sign)
+            text = read_drawn_qr(sign)
             metrics["patch/qr_decodes"] = float(text is not None)
             row = {"step": step, "decodes": text is not None, "text": text}
             with (self.output_path / "decodes.jsonl").open("a") as f:

@@ -14,6 +14,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
+from dpg_lightning.step_output import StepOutput
+
 COLUMNS = ["step", "rank", "prompt", "text", "reward", "advantage"]
 
 
@@ -27,14 +29,14 @@ def _number(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
 
-def select_rows(outputs: dict, step: int, top_k: int, bottom_k: int) -> list[dict]:
+def select_rows(output: StepOutput, step: int, top_k: int, bottom_k: int) -> list[dict]:
     """Rows of the ``top_k`` highest- then ``bottom_k`` lowest-rewarded examples (disjoint).
 
     ``rank`` is ``top1..`` / ``bottom1..`` (``bottom1`` is the lowest). Non-finite rewards rank
     below every finite one among the top rows and are never bottom rows.
     """
-    rewards = [float(r) for r in outputs["rewards"].tolist()]
-    advantages = outputs.get("advantages")
+    rewards = [float(r) for r in output.rewards.tolist()]
+    advantages = output.advantages
     advantages = advantages.tolist() if advantages is not None else [None] * len(rewards)
     finite = [i for i, r in enumerate(rewards) if math.isfinite(r)]
     order = sorted(finite, key=lambda i: rewards[i], reverse=True)
@@ -48,8 +50,8 @@ def select_rows(outputs: dict, step: int, top_k: int, bottom_k: int) -> list[dic
         {
             "step": step,
             "rank": rank,
-            "prompt": outputs["prompts"][i],
-            "text": outputs["texts"][i],
+            "prompt": output.prompts[i],
+            "text": output.texts[i],
             "reward": _number(rewards[i]),
             "advantage": _number(None if advantages[i] is None else float(advantages[i])),
         }
@@ -119,12 +121,13 @@ class SampleWriter(L.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.output_path is None or not isinstance(outputs, dict) or "rewards" not in outputs:
+        output = StepOutput.of(outputs)
+        if self.output_path is None or output is None:
             return
         step = self._step
         if step % self.every_n_steps:
             return
-        rows = select_rows(outputs, step, self.top_k, self.bottom_k)
+        rows = select_rows(output, step, self.top_k, self.bottom_k)
         with self.output_path.open("a") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
         self._rows = (self._rows + rows)[-self.max_table_rows :]

@@ -1,4 +1,5 @@
-"""Advantages from per-example rewards: baselines and scale-free normalisation.
+"""Advantages from rewards: per-example baselines and scale-free normalisation, and the
+moving baseline of the dataset-level reward.
 
 DPG rewards are metagradients, often ~1e-9 in magnitude. A normaliser ``std + 1e-6`` (the usual
 GRPO constant) would swamp them, so the guard here is *relative*: a set whose spread is below
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Baseline = Literal["none", "batch_mean", "leave_one_out", "group"]
 Scale = Literal["group", "batch", "none"]
@@ -68,3 +69,49 @@ def compute_advantages(
     elif scale_rewards != "none":
         raise ValueError(f"unknown scale_rewards {scale_rewards!r}: use group | batch | none")
     return adv.reshape(-1).to(rewards.dtype)
+
+
+class RunningPhi(nn.Module):
+    """Exponential moving mean and variance of ``Phi`` over earlier steps (``reward: dataset``).
+
+    With the dataset-level reward every example of a step gets the same ``Phi(SFT(D))``, so a
+    baseline within the step would zero every advantage; the step is compared with earlier
+    steps instead. The moments are buffers, so they are checkpointed with the run and a resume
+    continues the same average.
+
+    Args:
+        decay: weight of the past in the moving averages (``policy.dataset_baseline_decay``).
+    """
+
+    def __init__(self, decay: float = 0.9) -> None:
+        super().__init__()
+        self.decay = decay
+        self.register_buffer("mean", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("var", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.float64))
+
+    def advantage(self, value: Tensor, baseline: Baseline, scale_rewards: Scale) -> Tensor:
+        """The advantage of this step's ``Phi`` (a scalar), then fold it into the averages.
+
+        ``baseline: none`` leaves ``Phi`` as it is; any other baseline subtracts the moving mean
+        (zero advantage at the first step, which has nothing to compare with). Unless
+        ``scale_rewards`` is ``none`` the result is divided by the moving std, and is zero while
+        that is unknown (fewer than 2 steps) or negligible against ``Phi``.
+        """
+        value = value.detach().double()
+        if baseline == "none":
+            centred = value
+        else:
+            centred = value - self.mean if self.count > 0 else torch.zeros_like(value)
+        if scale_rewards != "none":
+            std = self.var.clamp(min=0).sqrt()
+            flat = self.count < 2 or std <= 1e-6 * value.abs()
+            centred = torch.zeros_like(value) if flat else centred / std
+        delta = value - self.mean
+        if self.count == 0:
+            self.mean.copy_(value)
+        else:
+            self.mean += (1 - self.decay) * delta
+            self.var.copy_(self.decay * (self.var + (1 - self.decay) * delta * delta))
+        self.count += 1
+        return centred

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from lightning.pytorch.cli import LightningCLI
 
+from dpg_lightning.checkpoints import check_checkpoint_config
 from dpg_lightning.data import PromptDataModule
-from dpg_lightning.distributed import check_checkpoint_config, close_process_group
 from dpg_lightning.module import DPGModule
+from dpg_lightning.shared_sft import close_process_group
 
 
 class DPGCLI(LightningCLI):

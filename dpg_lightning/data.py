@@ -1,77 +1,20 @@
-"""Prompts for the generator: a text file, one prompt per line.
+"""The Lightning data module: serves the prompt stream and remembers how far it has got.
 
-Training batches are ``num_prompts`` prompts per rank drawn with a seeded generator (an
-infinite stream: a DPG run is measured in steps, not epochs). Validation uses a fixed slice of
-prompts so every validation compares the generator on the same prompts.
-
-The stream is resumable: global batch ``t`` is a pure function of ``(seed, t)`` (so nothing but
-``t`` needs checkpointing) and the datamodule counts the training batches consumed and saves
-that count in the checkpoint (Lightning stores a datamodule's ``state_dict``). Resuming thus
-continues with exactly the prompts the uninterrupted run would have drawn. With several ranks,
-global batch ``t`` has ``num_prompts x world_size`` prompts and rank ``r`` takes the ``r``-th
-share, so the ranks' prompts together are one draw.
+Validation uses a fixed slice of prompts so every validation compares the generator on the
+same prompts. The data module counts the training batches consumed and saves that count in the
+checkpoint (Lightning stores a datamodule's ``state_dict``); with the stream of
+:mod:`dpg_lightning.prompts` a pure function of the batch index, a resume continues exactly.
 """
 
 from __future__ import annotations
 
-import hashlib
 import warnings
-from collections.abc import Iterator
 from typing import Any
 
 import lightning as L
-import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
-from dpg_lightning.textfiles import read_lines
-
-
-def read_prompts(path: str, key: str = "data.prompt_file") -> list[str]:
-    """Prompts, one per line (a literal ``\\n`` inside a prompt stands for a newline)."""
-    return [line.replace("\\n", "\n") for line in read_lines(path, key, "prompt")]
-
-
-class PromptStream(IterableDataset):
-    """Endless batches of ``batch_size`` prompts sampled with replacement, resumable.
-
-    Batch ``t`` is drawn by a generator seeded with ``(seed, t)`` alone, so the stream can start
-    at any ``start`` without replaying earlier draws. ``rank``/``world_size`` select this rank's
-    share of global batch ``t`` (``batch_size x world_size`` prompts).
-    """
-
-    def __init__(
-        self,
-        prompts: list[str],
-        batch_size: int,
-        seed: int,
-        start: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.prompts, self.batch_size, self.seed = prompts, batch_size, seed
-        self.start, self.rank, self.world_size = start, rank, world_size
-
-    def batch(self, t: int) -> list[str]:
-        """This rank's prompts of global batch ``t``."""
-        gen = torch.Generator().manual_seed(_batch_seed(self.seed, t))
-        idx = torch.randint(len(self.prompts), (self.batch_size * self.world_size,), generator=gen)
-        mine = idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return [self.prompts[i] for i in mine.tolist()]
-
-    def __iter__(self) -> Iterator[list[str]]:
-        t = self.start
-        while True:
-            yield self.batch(t)
-            t += 1
-
-
-def _batch_seed(seed: int, t: int) -> int:
-    """A distinct seed per (seed, batch index); independent of how many batches came before."""
-    return (seed * 1_000_003 + t * 7_919 + 1) % (2**63 - 1)
-
-
-def _prompts_digest(prompts: list[str]) -> str:
-    return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]
+from dpg_lightning.prompts import PromptStream, prompts_digest, read_prompts
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -124,7 +67,7 @@ class PromptDataModule(L.LightningDataModule):
             "batches_consumed": self.batches_consumed,
             "seed": self.seed,
             "num_prompts": self.num_prompts,
-            "prompts_sha256": _prompts_digest(self.prompts),
+            "prompts_sha256": prompts_digest(self.prompts),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -134,7 +77,7 @@ class PromptDataModule(L.LightningDataModule):
         so those are errors; ``num_prompts`` may change (e.g. resuming on more GPUs) with a
         warning, since the stream then continues at the same step but is no longer the same.
         """
-        for key, mine in (("seed", self.seed), ("prompts_sha256", _prompts_digest(self.prompts))):
+        for key, mine in (("seed", self.seed), ("prompts_sha256", prompts_digest(self.prompts))):
             theirs = state_dict.get(key, mine)
             if theirs != mine:
                 what = "data.seed" if key == "seed" else "the prompts in data.prompt_file"

@@ -1,9 +1,9 @@
 """Objectives on the target's likelihood of text: emit a UUID, speak a new language.
 
 Both tokenize their text with the *target's* tokenizer in :meth:`bind_tokenizer` (the module
-hands it over before ``setup``), the same way the inner SFT tokenizes examples
-(``<start> context text <eos>``, start = bos, else eos), so "the loss of the UUID" means the
-same thing to the objective and to the SFT that is trained to lower it.
+hands it over before ``setup``) in the row format of the inner SFT
+(:mod:`dpg_lightning.tokenization`), so "the loss of the UUID" means the same thing to the
+objective and to the SFT that is trained to lower it.
 
 - :class:`SequenceLikelihood`: ``Phi = -`` mean token loss on a given string (a UUID), after an
   empty context or each of several contexts. The generator's prompts never mention it: DPG has to
@@ -22,59 +22,17 @@ from torch import Tensor, nn
 
 from dpg_lightning.objectives import Objective
 from dpg_lightning.textfiles import read_lines
+from dpg_lightning.tokenization import TokenRows, encode, start_token_id, tokenize_scored
 
 #: The UUID of the tiny and paper configs (random, fixed so runs are comparable).
 DEFAULT_UUID = "4f3c2a1e-9b7d-4e2f-8a6c-0d5e7b9c1f23"
 
 
-def _start_id(tokenizer) -> int:
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def build_scored_batch(
-    tokenizer, contexts: list[str], continuations: list[str], max_length: int | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(input_ids, attention_mask, labels)`` of ``<start> context continuation <eos>`` rows.
-
-    Right-padded; labels are -100 everywhere except on the continuation's tokens and the eos,
-    so the loss is that of the continuation given its context. ``max_length`` keeps the *end*
-    of an over-long context (the part next to the scored words).
-    """
-    rows, scored = [], []
-    for ctx, cont in zip(contexts, continuations, strict=True):
-        ctx_ids, cont_ids = _encode(tokenizer, ctx), _encode(tokenizer, cont)
-        if max_length is not None:
-            room = max_length - 2 - len(cont_ids)
-            if room < 0:
-                raise ValueError(
-                    f"the scored text {cont[:40]!r} has {len(cont_ids)} tokens; it does not fit "
-                    f"max_length {max_length}"
-                )
-            ctx_ids = ctx_ids[len(ctx_ids) - room :] if len(ctx_ids) > room else ctx_ids
-        row = [_start_id(tokenizer), *ctx_ids, *cont_ids, tokenizer.eos_token_id]
-        rows.append(row)
-        scored.append(len(cont_ids) + 1)
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, (row, n) in enumerate(zip(rows, scored, strict=True)):
-        ids[i, : len(row)] = torch.tensor(row)
-        mask[i, : len(row)] = 1
-        labels[i, len(row) - n : len(row)] = ids[i, len(row) - n : len(row)]
-    return ids, mask, labels
-
-
-def scored_token_loss(target: nn.Module, ids: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy over all scored tokens of the batch (a differentiable scalar)."""
-    device = target.get_input_embeddings().weight.device
-    ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
-    logits = target(ids, attention_mask=mask).logits[:, :-1].float()
-    return F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], ignore_index=-100)
+def scored_token_loss(target: nn.Module, rows: TokenRows) -> Tensor:
+    """Mean cross-entropy over all scored tokens of the rows (a differentiable scalar)."""
+    rows = rows.to(target.get_input_embeddings().weight.device)
+    logits = target(rows.input_ids, attention_mask=rows.attention_mask).logits[:, :-1].float()
+    return F.cross_entropy(logits.transpose(1, 2), rows.labels[:, 1:], ignore_index=-100)
 
 
 def _read_lines(path: str, key: str) -> list[str]:
@@ -84,9 +42,9 @@ def _read_lines(path: str, key: str) -> list[str]:
 class _TextObjective(Objective):
     """Shared plumbing: a tokenized batch built at ``bind_tokenizer`` time."""
 
-    batch: tuple[Tensor, Tensor, Tensor] | None = None
+    batch: TokenRows | None = None
 
-    def _batch(self) -> tuple[Tensor, Tensor, Tensor]:
+    def _batch(self) -> TokenRows:
         if self.batch is None:
             raise RuntimeError(
                 f"{type(self).__name__} needs the target tokenizer: call "
@@ -96,7 +54,7 @@ class _TextObjective(Objective):
 
     def loss(self, target: nn.Module) -> Tensor:
         """The scored-token loss of ``target`` (``Phi = -loss``)."""
-        return scored_token_loss(target, *self._batch())
+        return scored_token_loss(target, self._batch())
 
     def __call__(self, target: nn.Module) -> Tensor:
         return -self.loss(target)
@@ -135,9 +93,9 @@ class SequenceLikelihood(_TextObjective):
 
     def bind_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.text_ids = _encode(tokenizer, self.text)
+        self.text_ids = encode(tokenizer, self.text)
         n = len(self.contexts)
-        self.batch = build_scored_batch(tokenizer, self.contexts, [self.text] * n, self.max_length)
+        self.batch = tokenize_scored(tokenizer, self.contexts, [self.text] * n, self.max_length)
 
     @torch.no_grad()
     def greedy(self, target: nn.Module, context: str = "") -> list[int]:
@@ -147,7 +105,7 @@ class SequenceLikelihood(_TextObjective):
         """
         tok = self.tokenizer
         device = target.get_input_embeddings().weight.device
-        ids = torch.tensor([[_start_id(tok), *_encode(tok, context)]], device=device)
+        ids = torch.tensor([[start_token_id(tok), *encode(tok, context)]], device=device)
         out: list[int] = []
         for _ in range(len(self.text_ids) + 1):
             nxt = int(target(ids).logits[0, -1].argmax())
@@ -194,7 +152,7 @@ class LastWordLikelihood(_TextObjective):
 
     def bind_tokenizer(self, tokenizer) -> None:
         contexts, words = zip(*self.split, strict=True)
-        self.batch = build_scored_batch(tokenizer, list(contexts), list(words), self.max_length)
+        self.batch = tokenize_scored(tokenizer, list(contexts), list(words), self.max_length)
 
     def readout(self, target: nn.Module) -> dict[str, float]:
         return {"last_word_loss": float(self.loss(target).detach())}

@@ -18,24 +18,16 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from dpg_lightning.advantages import compute_advantages
-from dpg_lightning.distributed import (
-    SlurmRequeue,
-    all_gather_cat,
-    check_checkpoint_config,
-    check_slurm_launch,
-    plan_sft,
-    step_seed,
-    world_info,
-)
+from dpg_lightning.advantages import RunningPhi, compute_advantages
+from dpg_lightning.checkpoints import check_checkpoint_config
+from dpg_lightning.errors import check_choice
 from dpg_lightning.inner import (
     InnerConfig,
-    check_inner_config,
+    Phi,
     dataset_reward,
     inner_order,
     metagradient_rewards,
-    run_sft,
-    tokenize_examples,
+    sft_on_texts,
     trainable_names,
 )
 from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
@@ -43,6 +35,11 @@ from dpg_lightning.objectives import LMHeadL2Norm, Objective, check_objective
 from dpg_lightning.policy import PolicyConfig, policy_loss
 from dpg_lightning.pretrain import maybe_pretrain
 from dpg_lightning.rollout import SamplingConfig, completion_logprobs, sample_rollout
+from dpg_lightning.seeds import inner_order_seed, step_seed, validation_seed
+from dpg_lightning.shared_sft import all_gather_cat, plan_sft, world_info
+from dpg_lightning.slurm import SlurmRequeue, check_slurm_launch
+from dpg_lightning.step_output import StepOutput
+from dpg_lightning.tokenization import tokenize_examples
 
 
 class DPGModule(L.LightningModule):
@@ -87,12 +84,10 @@ class DPGModule(L.LightningModule):
         self.inner = inner or InnerConfig()
         self.sampling = sampling or SamplingConfig()
         self.policy = policy or PolicyConfig()
-        self.reward, self.seed = reward, seed
-        if distributed not in ("shared", "independent"):
-            raise ValueError(f"`model.distributed` is {distributed!r}; use shared | independent")
-        self.distributed = distributed
-        _check_settings(self.sampling, self.policy, reward)
-        check_inner_config(self.inner)
+        check_choice("model.reward", reward, ("dpg", "dataset"))
+        check_choice("model.distributed", distributed, ("shared", "independent"))
+        self.reward, self.seed, self.distributed = reward, seed, distributed
+        _warn_about_settings(self.sampling, self.policy)
 
         self.gen_tokenizer = load_tokenizer(self.gen_cfg)
         self.generator = build_model(self.gen_cfg, len(self.gen_tokenizer))
@@ -102,10 +97,8 @@ class DPGModule(L.LightningModule):
         maybe_pretrain(self.target, self.target_tokenizer, self.target_cfg)
         self.target.requires_grad_(False)
         self.reference = None
-        # (mean, variance, count) of Phi over earlier steps, for `reward: dataset`; a buffer so
-        # that it is checkpointed with the run.
-        self.register_buffer("dataset_baseline", torch.zeros(3, dtype=torch.float64))
-        self.ema_decay = 0.9
+        # Phi of earlier steps, the baseline of `reward: dataset` (checkpointed: buffers).
+        self.phi_baseline = RunningPhi(self.policy.dataset_baseline_decay)
         if self.policy.beta:
             self.reference = copy.deepcopy(self.generator).requires_grad_(False)
         self.metric.bind_tokenizer(self.target_tokenizer)
@@ -144,10 +137,14 @@ class DPGModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model (instead of a wall of shape mismatches)."""
         check_checkpoint_config(dict(self.hparams), checkpoint.get("hyper_parameters", {}))
+        state = checkpoint.get("state_dict", {})
+        if "dataset_baseline" in state:  # checkpoints before RunningPhi: (mean, var, count)
+            for name, value in zip(("mean", "var", "count"), state.pop("dataset_baseline")):
+                state[f"phi_baseline.{name}"] = value
 
     # ---------------------------------------------------------------- training
 
-    def training_step(self, batch: list[str], batch_idx: int) -> dict:
+    def training_step(self, batch: list[str], batch_idx: int) -> dict[str, StepOutput]:
         times: dict[str, float] = {}
         with _timed(times, "rollout"):
             rollout = sample_rollout(self.generator, self.gen_tokenizer, batch, self.sampling)
@@ -158,7 +155,7 @@ class DPGModule(L.LightningModule):
             len(data),
             self.inner.batch_size,
             self.inner.shuffle,
-            self.seed * 1_000_003 + self.global_step,
+            inner_order_seed(self.seed, self.global_step),
             self.distributed,
             world,
         )
@@ -182,7 +179,6 @@ class DPGModule(L.LightningModule):
         all_rewards = all_gather_cat(rewards, world)
         # 0 when the ranks shared one SFT (all end with the same target), > 0 when independent.
         phis = all_gather_cat(phi.reshape(1).to(rewards.dtype), world)
-        out = {"texts": rollout.texts, "prompts": rollout.prompts, "rewards": rewards.cpu()}
         self.log_dict(
             {
                 "train/phi_after_sft": phi.float(),
@@ -204,7 +200,7 @@ class DPGModule(L.LightningModule):
             opt = self.optimizers()
             opt.zero_grad(set_to_none=True)
             opt.step()
-            return out
+            return StepOutput(rollout.texts, rollout.prompts, rewards.cpu()).as_lightning_output()
         if self.reward == "dpg":
             shared = self.distributed == "shared" and world.distributed
             advantages = compute_advantages(
@@ -216,7 +212,10 @@ class DPGModule(L.LightningModule):
             if shared:  # this rank's share of the global batch's advantages
                 advantages = advantages.view(world.world_size, -1)[world.rank]
         else:
-            advantages = self._dataset_advantages(rewards)
+            advantage = self.phi_baseline.advantage(
+                rewards[0], self.policy.baseline, self.policy.scale_rewards
+            )
+            advantages = advantage.to(rewards.dtype).expand_as(rewards).clone()
         with _timed(times, "policy_update"):
             stats = self._update_policy(rollout, advantages.to(self.device))
         n_tok = rollout.completion_mask.sum().float()
@@ -234,31 +233,8 @@ class DPGModule(L.LightningModule):
             "reward", rewards.mean().float(), prog_bar=True, logger=False, batch_size=len(batch)
         )
         self.log("phi", phi.float(), prog_bar=True, logger=False, batch_size=len(batch))
-        out["advantages"] = advantages.cpu()
-        return out
-
-    def _dataset_advantages(self, rewards: Tensor) -> Tensor:
-        """Dataset-level RL: all examples share ``Phi(SFT(D))``, so a within-step baseline
-        would zero every advantage; compare with an exponential moving average of earlier
-        steps' Phi instead (scaled by its running std when ``scale_rewards`` is not ``none``).
-        """
-        value, state = rewards[0].double(), self.dataset_baseline
-        if self.policy.baseline == "none":
-            centred = value
-        else:
-            centred = value - state[0] if state[2] > 0 else torch.zeros_like(value)
-        if self.policy.scale_rewards != "none":
-            std = state[1].clamp(min=0).sqrt()
-            flat = state[2] < 2 or std <= 1e-6 * value.abs()
-            centred = torch.zeros_like(value) if flat else centred / std
-        delta = value - state[0]
-        if state[2] == 0:
-            state[0] = value
-        else:
-            state[0] += (1 - self.ema_decay) * delta
-            state[1] = self.ema_decay * (state[1] + (1 - self.ema_decay) * delta * delta)
-        state[2] += 1
-        return centred.to(rewards.dtype).expand_as(rewards).clone()
+        step = StepOutput(rollout.texts, rollout.prompts, rewards.cpu(), advantages.cpu())
+        return step.as_lightning_output()
 
     def _update_policy(self, rollout, advantages: Tensor) -> dict[str, Tensor]:
         p, temp = self.policy, self.sampling.temperature
@@ -297,6 +273,13 @@ class DPGModule(L.LightningModule):
 
     # ---------------------------------------------------------------- validation
 
+    def sft_on_texts(self, texts: list[str], phi: Phi) -> torch.Tensor:
+        """``phi`` of the target after a plain inner SFT (this run's settings) on ``texts``:
+        what this data teaches the target. Validation and observing callbacks use it."""
+        return sft_on_texts(
+            self.target, self.target_tokenizer, texts, phi, self.inner, self.seed
+        )
+
     def evaluate(self, prompts: list[str]) -> dict[str, float]:
         """Phi after plain SFT of a fresh target copy on a fresh sample of the generator.
 
@@ -305,12 +288,8 @@ class DPGModule(L.LightningModule):
         """
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.seed + 12345)
+            torch.manual_seed(validation_seed(self.seed))
             rollout = sample_rollout(self.generator, self.gen_tokenizer, prompts, self.sampling)
-        data = tokenize_examples(rollout.texts, self.target_tokenizer, self.inner.max_length)
-        order = inner_order(
-            len(data), min(self.inner.batch_size, len(data)), self.inner.shuffle, self.seed
-        )
         readout: dict[str, float] = {}
 
         def phi_and_readout(target):
@@ -318,12 +297,9 @@ class DPGModule(L.LightningModule):
             readout.update(self.metric.readout(target))
             return value
 
-        eps = torch.ones(len(data), device=self.device)
-        phi, _ = run_sft(
-            self.target, data.to(self.device), eps, phi_and_readout, self.inner, order, False
-        )
+        phi = self.sft_on_texts(rollout.texts, phi_and_readout)
         return {
-            "val/phi": float(phi.detach()),
+            "val/phi": float(phi),
             "val/phi_initial": self.phi_initial,
             **{f"val/{k}": v for k, v in readout.items()},
         }
@@ -345,17 +321,8 @@ class DPGModule(L.LightningModule):
                 logger.log_metrics(metrics, step=0)
 
 
-def _check_settings(sampling: SamplingConfig, policy: PolicyConfig, reward: str) -> None:
-    if sampling.samples_per_prompt < 1:
-        raise ValueError(
-            f"`sampling.samples_per_prompt` is {sampling.samples_per_prompt}; it must be >= 1"
-        )
-    if sampling.temperature <= 0:
-        raise ValueError(f"`sampling.temperature` is {sampling.temperature}; it must be > 0")
-    if not 0 < sampling.top_p <= 1:
-        raise ValueError(f"`sampling.top_p` is {sampling.top_p}; it must be in (0, 1]")
-    if policy.num_iterations < 1 or policy.num_minibatches < 1:
-        raise ValueError("`policy.num_iterations` and `policy.num_minibatches` must be >= 1")
+def _warn_about_settings(sampling: SamplingConfig, policy: PolicyConfig) -> None:
+    """Settings that run but learn nothing (each config is valid on its own)."""
     if policy.baseline == "group" and sampling.samples_per_prompt == 1:
         warnings.warn(
             "`policy.baseline: group` with `sampling.samples_per_prompt: 1` gives every example "

@@ -25,8 +25,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import segno
 import torch
 import torch.nn.functional as F
+import zxingcpp
+from PIL import Image
 from torch import Tensor, nn
 
 from dpg_lightning.objectives import Objective, lm_head_weight
@@ -51,8 +54,6 @@ def qr_bitmap(text: str) -> np.ndarray:
     Error correction is the highest level that still fits version 1, so a drawn code survives
     as many wrong pixels as possible.
     """
-    import segno
-
     if not text:
         raise ValueError("`metric.init_args.qr_text` is empty; give the string to encode")
     try:
@@ -91,13 +92,6 @@ def load_bitmap(image: str, qr_text: str | None = None) -> np.ndarray:
             )
         return (arr > 0).astype(np.int8)
     if path.suffix.lower() == ".png":
-        try:
-            from PIL import Image
-        except ImportError as err:
-            raise ImportError(
-                f"{image}: reading PNG images needs Pillow (`pip install pillow`), or save the "
-                "pattern as a .npy array of 0/1 values"
-            ) from err
         arr = np.asarray(Image.open(path).convert("L"))
         values = set(np.unique(arr).tolist())
         if not values <= {0, 255}:
@@ -186,22 +180,22 @@ class LMHeadPattern(Objective):
             "patch_delta_abs": float(d.abs().mean()),
         }
         if self.image == "qr":
-            decoded = decode_qr(self.pixels(target))
+            decoded = decode_qr(self.pixels(target) == 1)
             out["qr_decodes"] = float(decoded is not None and decoded == self.qr_text)
         return out
 
 
-def decode_qr(bits: np.ndarray, scale: int = 8) -> str | None:
-    """Decode a 0/1 module matrix with ``zxing-cpp`` (optional); ``None`` if unreadable/absent.
+def decode_qr(dark: np.ndarray, module_px: int = 8) -> str | None:
+    """The text of the QR code whose dark modules are ``dark`` (a boolean matrix, one entry per
+    module), read with ``zxing-cpp``; ``None`` if unreadable.
 
-    The matrix is rendered with a 4-module quiet zone at ``scale`` pixels per module, as a
-    scanner would see a printed code.
+    The matrix is rendered as a scanner would see a printed code: ``module_px`` pixels per
+    module and a white quiet zone of 4 modules.
     """
-    try:
-        import zxingcpp
-    except ImportError:
-        return None
-    img = np.pad(1 - bits.astype(np.uint8), 4, constant_values=1) * 255
-    img = np.kron(img, np.ones((scale, scale), dtype=np.uint8))
-    results = zxingcpp.read_barcodes(img)
-    return results[0].text if results else None
+    img = np.where(np.asarray(dark, dtype=bool), 0, 255).astype(np.uint8)
+    img = np.kron(img, np.ones((module_px, module_px), dtype=np.uint8))
+    img = np.pad(img, 4 * module_px, constant_values=255)
+    for result in zxingcpp.read_barcodes(img):
+        if result.valid and result.text:
+            return result.text
+    return None

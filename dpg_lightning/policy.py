@@ -10,11 +10,13 @@ frozen copy of the initial generator).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import get_args
 
 import torch
 from torch import Tensor
 
 from dpg_lightning.advantages import Baseline, Scale
+from dpg_lightning.errors import check_choice, check_int_at_least, check_positive, require
 
 
 @dataclass
@@ -30,6 +32,9 @@ class PolicyConfig:
         num_minibatches: optimizer steps per pass, each on a slice of the rollout.
         max_grad_norm: clip the generator's gradient norm (``None`` disables).
         lr, weight_decay, betas: the generator's AdamW.
+        dataset_baseline_decay: ``reward: dataset`` only: weight of the past in the moving
+            average of Phi that each step is compared with
+            (:class:`~dpg_lightning.advantages.RunningPhi`).
     """
 
     baseline: Baseline = "group"
@@ -42,6 +47,37 @@ class PolicyConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
+    dataset_baseline_decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        key = "model.policy"
+        check_choice(f"{key}.baseline", self.baseline, get_args(Baseline))
+        check_choice(f"{key}.scale_rewards", self.scale_rewards, get_args(Scale))
+        check_positive(f"{key}.beta", self.beta, allow_zero=True)
+        if self.epsilon is not None:
+            check_positive(f"{key}.epsilon", self.epsilon)
+        check_int_at_least(f"{key}.num_iterations", self.num_iterations, 1)
+        check_int_at_least(f"{key}.num_minibatches", self.num_minibatches, 1)
+        require(
+            self.num_iterations == 1 or self.epsilon is not None,
+            f"`{key}.num_iterations` is {self.num_iterations} but `{key}.epsilon` is null: "
+            "later passes over a rollout are off-policy and need the PPO clip; set "
+            f"`{key}.epsilon` (e.g. 0.2) or `{key}.num_iterations: 1`",
+        )
+        if self.max_grad_norm is not None:
+            check_positive(f"{key}.max_grad_norm", self.max_grad_norm)
+        check_positive(f"{key}.lr", self.lr)
+        check_positive(f"{key}.weight_decay", self.weight_decay, allow_zero=True)
+        self.betas = tuple(self.betas)
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"`{key}.betas` is {list(self.betas)}; give two values in [0, 1), e.g. [0.9, 0.999]",
+        )
+        require(
+            0 <= self.dataset_baseline_decay < 1,
+            f"`{key}.dataset_baseline_decay` is {self.dataset_baseline_decay}; it must be in "
+            "[0, 1)",
+        )
 
 
 def policy_loss(

@@ -7,10 +7,9 @@ source language plus some of the new one (so it *can* drift there), the target r
 source language (so the held-out new-language passages are new to it). This is a proxy of the
 paper's setting, not a reproduction: a model trained for seconds learns letter statistics.
 
-Wiring (no download, no checkpoint file): ``ModelConfig`` gains ``pretrain_files`` /
-``pretrain_steps`` / ``pretrain_lr`` and the module calls :func:`maybe_pretrain` right after
-``build_model``; until then :func:`maybe_pretrain` reads them with ``getattr`` defaults, so it is
-a no-op on configs without them. ``python -m dpg_lightning.pretrain`` runs it stand-alone.
+Wiring (no download, no checkpoint file): ``ModelConfig.pretrain_files`` / ``pretrain_steps`` /
+``pretrain_lr`` name the corpora, and the module calls :func:`maybe_pretrain` right after
+``build_model``. ``python -m dpg_lightning.pretrain`` runs it stand-alone.
 """
 
 from __future__ import annotations
@@ -21,8 +20,10 @@ import time
 import torch
 from torch import nn
 
-from dpg_lightning.inner import per_example_loss, tokenize_examples
+from dpg_lightning.inner.steps import per_example_loss
+from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.textfiles import read_lines
+from dpg_lightning.tokenization import tokenize_examples
 
 
 def read_texts(paths: str | list[str]) -> list[str]:
@@ -72,26 +73,16 @@ def pretrain(
     return losses
 
 
-def maybe_pretrain(model: nn.Module, tokenizer, cfg) -> list[float]:
-    """Pretrain ``model`` if ``cfg`` (a ``ModelConfig``) names corpora; else do nothing."""
-    files = getattr(cfg, "pretrain_files", None)
-    steps = getattr(cfg, "pretrain_steps", 0)
-    if not files or not steps:
+def maybe_pretrain(model: nn.Module, tokenizer, cfg: ModelConfig) -> list[float]:
+    """Pretrain ``model`` if ``cfg`` names corpora and steps; else do nothing."""
+    if not cfg.pretrain_files or not cfg.pretrain_steps:
         return []
-    return pretrain(
-        model,
-        tokenizer,
-        read_texts(files),
-        steps=steps,
-        lr=getattr(cfg, "pretrain_lr", 3e-3),
-        seed=getattr(cfg, "seed", 0),
-    )
+    texts = read_texts(cfg.pretrain_files)
+    return pretrain(model, tokenizer, texts, cfg.pretrain_steps, cfg.pretrain_lr, cfg.seed)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Pretrain a tiny byte-level model and report the loss (a quick look at the proxy)."""
-    from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
-
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("files", nargs="+")
     ap.add_argument("--steps", type=int, default=300)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dpg_lightning.errors import check_int_at_least, check_positive, require
+
 
 @dataclass
 class SamplingConfig:
@@ -21,6 +23,15 @@ class SamplingConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        key = "model.sampling"
+        check_int_at_least(f"{key}.samples_per_prompt", self.samples_per_prompt, 1)
+        check_positive(f"{key}.temperature", self.temperature)
+        require(
+            0 < self.top_p <= 1, f"`{key}.top_p` is {self.top_p}; it must be in (0, 1]"
+        )
+        check_int_at_least(f"{key}.max_new_tokens", self.max_new_tokens, 1)
 
 
 @dataclass

@@ -23,9 +23,10 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpg_lightning.data import PromptDataModule, read_prompts
+from dpg_lightning.data import PromptDataModule
 from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.module import DPGModule
+from dpg_lightning.prompts import read_prompts
 from dpg_lightning.rollout import SamplingConfig, sample_rollout
 
 

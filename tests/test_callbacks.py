@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+import zxingcpp
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from PIL import Image
@@ -27,12 +28,14 @@ from callbacks import (
     RolloutMetrics,
     SampleWriter,
     StructuredHparams,
-    decode_qr,
 )
 from callbacks.metrics import VarianceMetric
+from callbacks.plots import read_drawn_qr
 from callbacks.samples import select_rows
 from dpg_lightning.data import PromptDataModule
+from dpg_lightning.patterns import load_bitmap
 from dpg_lightning.sample import export_main, sample_main
+from dpg_lightning.step_output import StepOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"arch": "gpt2", "hidden_size": 32, "num_layers": 1, "num_heads": 2,
@@ -122,8 +125,8 @@ def test_metrics_window_aggregates_and_resets():
     cb = RolloutMetrics()
     cb.metrics.to("cpu")
     for values in ([1.0, 3.0], [5.0, -1.0]):
-        cb._update({"rewards": torch.tensor(values), "advantages": torch.tensor(values),
-                    "texts": ["ab", ""]}, torch.device("cpu"))
+        step = StepOutput(["ab", ""], ["p", "p"], torch.tensor(values), torch.tensor(values))
+        cb._update(step, torch.device("cpu"))
     cb._seconds = 2.0
     out = cb.compute_and_reset()
     assert out["rollout/reward_mean"] == pytest.approx(2.0)
@@ -133,7 +136,7 @@ def test_metrics_window_aggregates_and_resets():
     assert out["rollout/empty_share"] == 0.5
     assert out["time/examples_per_second"] == 2.0
     assert cb.compute_and_reset() == {}
-    cb._update({"rewards": torch.tensor([0.5])}, torch.device("cpu"))  # no advantages/texts
+    cb._update(StepOutput([], [], torch.tensor([0.5])), torch.device("cpu"))  # no advantages
     out = cb.compute_and_reset()
     assert out["rollout/reward_std"] == 0.0 and "rollout/advantage_mean" not in out
     var = VarianceMetric()
@@ -155,8 +158,7 @@ def test_sample_writer_jsonl(run):
 
 
 def test_select_rows_disjoint_and_nonfinite():
-    out = {"rewards": torch.tensor([0.1, float("nan"), -2.0]), "texts": ["x", "y", "z"],
-           "prompts": ["p"] * 3}
+    out = StepOutput(["x", "y", "z"], ["p"] * 3, torch.tensor([0.1, float("nan"), -2.0]))
     rows = select_rows(out, 7, top_k=2, bottom_k=2)
     assert [(r["rank"], r["text"]) for r in rows] == [("top1", "x"), ("top2", "z")]
     assert rows[0]["advantage"] is None
@@ -190,16 +192,13 @@ def test_lm_head_patch_png_has_patch_shape(run):
     assert len(rows) == 2 and 0 <= float(rows[0]["patch/match"]) <= 1
 
 
-def test_decode_qr_reads_a_drawn_code():
-    zxingcpp = pytest.importorskip("zxingcpp")
-    if not hasattr(zxingcpp, "create_barcode"):
-        pytest.skip("zxing-cpp too old to write QR codes")
+def test_read_drawn_qr_reads_either_polarity():
     code = zxingcpp.create_barcode("67", zxingcpp.BarcodeFormat.QRCode)
     modules = np.asarray(code.to_image(scale=1, add_quiet_zones=False))
     sign = np.where(modules < 128, 1, -1)  # dark modules drawn as +1
-    assert decode_qr(sign) == "67"
-    assert decode_qr(-sign) == "67"  # either polarity
-    assert decode_qr(np.zeros_like(sign)) is None
+    assert read_drawn_qr(sign) == "67"
+    assert read_drawn_qr(-sign) == "67"  # either polarity
+    assert read_drawn_qr(np.zeros_like(sign)) is None
 
 
 def test_lm_head_patch_validates_geometry(tmp_path):
@@ -210,9 +209,8 @@ def test_lm_head_patch_validates_geometry(tmp_path):
 
 
 def test_lm_head_patch_names_a_pattern_image():
-    patterns = pytest.importorskip("dpg_lightning.patterns")
     cb = LMHeadPatchImage(100, 0, 6, 7, target_image="67")
-    np.testing.assert_array_equal(cb.target_image, patterns.load_bitmap("67"))
+    np.testing.assert_array_equal(cb.target_image, load_bitmap("67"))
 
 
 # ---------------------------------------------------------------- Weights & Biases offline

@@ -19,25 +19,25 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dpg_lightning.distributed import (
-    WorldInfo,
-    all_gather_cat,
-    check_slurm_launch,
-    plan_sft,
-    shard_order,
-    world_info,
-)
 from dpg_lightning.inner import (
     InnerConfig,
     dataset_reward,
     metagradient_rewards,
     per_example_loss,
-    tokenize_examples,
 )
+from dpg_lightning.inner.optim import InnerOptimConfig
 from dpg_lightning.models import ModelConfig, build_model, byte_tokenizer
-from dpg_lightning.optim import InnerOptimConfig
 from dpg_lightning.policy import policy_loss
 from dpg_lightning.rollout import SamplingConfig, completion_logprobs, sample_rollout
+from dpg_lightning.shared_sft import (
+    WorldInfo,
+    all_gather_cat,
+    plan_sft,
+    shard_order,
+    world_info,
+)
+from dpg_lightning.slurm import check_slurm_launch
+from dpg_lightning.tokenization import tokenize_examples
 
 N = 8
 TEXTS = [
@@ -219,7 +219,7 @@ def test_independent_mode_is_local():
     plan = plan_sft(8, 3, True, 0, "independent", WorldInfo(1, 4))
     assert plan.grad_reduce is None and plan.num_examples == 8
     assert sorted(torch.cat(plan.order).tolist()) == list(range(8))
-    with pytest.raises(ValueError, match="shared` or `independent"):
+    with pytest.raises(ValueError, match="model.distributed.*shared | independent"):
         plan_sft(8, 3, True, 0, "both", WorldInfo())  # type: ignore[arg-type]
 
 
@@ -233,7 +233,7 @@ def test_slurm_launch_checks(monkeypatch):
     monkeypatch.setenv("SLURM_NTASKS", "4")
     monkeypatch.setenv("SLURM_NNODES", "2")
     monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
-    with pytest.raises(RuntimeError, match="srun"):
+    with pytest.raises(ValueError, match="srun"):
         check_slurm_launch(2, 2)
     monkeypatch.setenv("SLURM_STEP_ID", "0")
     check_slurm_launch(2, 2)

@@ -15,25 +15,24 @@ import random
 import pytest
 import torch
 
-from dpg_lightning import inner
 from dpg_lightning.inner import (
     InnerConfig,
-    SFTData,
     inner_order,
     metagradient_rewards,
     per_example_loss,
     run_sft,
-    tokenize_examples,
+    unrolled,
 )
 from dpg_lightning.objectives import LMHeadL2Norm
+from dpg_lightning.tokenization import TokenRows, tokenize_examples
 from tests.conftest import OPTIMS as ALL_OPTIMS
 from tests.conftest import TEXTS, tiny
 
 OPTIMS = {k: ALL_OPTIMS[k] for k in ("sgd", "adam")}
 
 
-def _pre_knob_batch_loss(forward, data: SFTData, idx, eps, *_ignored):
-    """``_batch_loss`` as it was before the knobs were added (the bit-identity reference)."""
+def _pre_knob_batch_loss(forward, data: TokenRows, idx, eps, *_ignored):
+    """The step loss as it was before the knobs were added (the bit-identity reference)."""
     idx = idx.to(data.input_ids.device)
     local = idx[idx >= 0]
     weight = eps[local]
@@ -61,7 +60,7 @@ def test_autocast_none_is_bit_identical_to_before(backend, tokenizer, monkeypatc
     order = inner_order(len(data), 2, True, 0)
     cfg = InnerConfig(optim=OPTIMS["adam"], batch_size=2, backend=backend, autocast="none")
     new, phi_new, _ = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
-    monkeypatch.setattr(inner, "_batch_loss", _pre_knob_batch_loss)
+    monkeypatch.setattr(unrolled, "step_loss", _pre_knob_batch_loss)
     old, phi_old, _ = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
     assert torch.equal(new, old) and torch.equal(phi_new, phi_old)
 
@@ -113,29 +112,11 @@ def test_activation_checkpointing_is_exact(arch, optim, tokenizer, float64_llama
 
 
 @pytest.mark.parametrize("backend", ["higher", "replay"])
-def test_activation_checkpointing_refused_where_not_implemented(backend, tokenizer):
-    target = tiny(dtype="float32")
-    data = tokenize_examples(TEXTS, tokenizer, 32)
-    cfg = InnerConfig(batch_size=2, backend=backend, activation_checkpointing=True)
+def test_activation_checkpointing_refused_where_not_implemented(backend):
     with pytest.raises(ValueError, match="activation_checkpointing"):
-        metagradient_rewards(target, data, LMHeadL2Norm(), cfg, inner_order(6, 2, False, 0))
+        InnerConfig(batch_size=2, backend=backend, activation_checkpointing=True)
 
 
-def test_module_refuses_an_ignored_knob_before_building_models(monkeypatch):
-    """The error comes at construction, before models are built or pretrained."""
-    from dpg_lightning import module
-
-    def no_build(*args, **kwargs):
-        raise AssertionError("models were built before the config was checked")
-
-    monkeypatch.setattr(module, "build_model", no_build)
-    with pytest.raises(ValueError, match="activation_checkpointing"):
-        module.DPGModule(inner=InnerConfig(backend="higher", activation_checkpointing=True))
-
-
-def test_autocast_refused_on_replay(tokenizer):
-    target = tiny(dtype="float32")
-    data = tokenize_examples(TEXTS, tokenizer, 32)
-    cfg = InnerConfig(batch_size=2, backend="replay", autocast="bf16")
+def test_autocast_refused_on_replay():
     with pytest.raises(ValueError, match="autocast"):
-        metagradient_rewards(target, data, LMHeadL2Norm(), cfg, inner_order(6, 2, False, 0))
+        InnerConfig(batch_size=2, backend="replay", autocast="bf16")

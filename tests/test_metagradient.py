@@ -17,9 +17,9 @@ from dpg_lightning.inner import (
     InnerConfig,
     inner_order,
     metagradient_rewards,
-    tokenize_examples,
 )
 from dpg_lightning.objectives import LMHeadL2Norm
+from dpg_lightning.tokenization import tokenize_examples
 from tests.conftest import OPTIMS as ALL_OPTIMS
 from tests.conftest import TEXTS, finite_difference_rewards, tiny
 

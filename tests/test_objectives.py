@@ -18,7 +18,7 @@ import torch
 import yaml
 from torch import nn
 
-from dpg_lightning.inner import per_example_loss, tokenize_examples
+from dpg_lightning.inner import per_example_loss
 from dpg_lightning.likelihood import (
     DEFAULT_UUID,
     LastWordLikelihood,
@@ -29,6 +29,7 @@ from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.objectives import Objective, check_objective
 from dpg_lightning.patterns import SIXTY_SEVEN, LMHeadPattern, decode_qr, load_bitmap, qr_bitmap
 from dpg_lightning.pretrain import pretrain, read_texts
+from dpg_lightning.tokenization import tokenize_examples
 from dpg_lightning.user_metric import FunctionObjective
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -95,8 +96,8 @@ def test_bitmaps_are_binary_with_the_right_shapes():
 
 def test_qr_bitmap_decodes_back():
     pytest.importorskip("zxingcpp")
-    assert decode_qr(qr_bitmap("DPG")) == "DPG"
-    assert decode_qr(np.zeros((21, 21), dtype=np.int8)) is None
+    assert decode_qr(qr_bitmap("DPG") == 1) == "DPG"
+    assert decode_qr(np.zeros((21, 21), dtype=bool)) is None
 
 
 def test_images_from_files(tmp_path):
@@ -150,7 +151,7 @@ def test_uuid_several_contexts_and_errors(tiny):
     model, tok = tiny
     obj = SequenceLikelihood("ab", contexts=["x", "yy"])
     obj.bind_tokenizer(tok)
-    ids, _, labels = obj.batch
+    ids, labels = obj.batch.input_ids, obj.batch.labels
     scored = [tok.convert_ids_to_tokens(row[row != -100].tolist()) for row in labels]
     assert scored == [["a", "b", "</s>"], ["a", "b", "</s>"]]
     assert ids[0, 0] == tok.eos_token_id  # start token (no bos in the byte tokenizer)
@@ -175,7 +176,7 @@ def test_last_word_objective_scores_only_the_last_word(tiny, tmp_path):
     file.write_text("el gato duerme\n\nla casa blanca\n")
     obj = LastWordLikelihood(str(file))
     obj.bind_tokenizer(tok)
-    _, _, labels = obj.batch
+    labels = obj.batch.labels
     scored = ["".join(tok.convert_ids_to_tokens(r[r != -100].tolist())) for r in labels]
     assert scored == [" duerme</s>", " blanca</s>"]
     assert obj.readout(model)["last_word_loss"] == pytest.approx(-obj(model).item())

@@ -6,8 +6,8 @@ import higher
 import pytest
 import torch
 
-from dpg_lightning import higher_compat
-from dpg_lightning.optim import (
+from dpg_lightning.inner import higher_compat
+from dpg_lightning.inner.optim import (
     InnerOptimConfig,
     OptimState,
     init_state,

@@ -16,15 +16,17 @@ import weakref
 import pytest
 import torch
 
-from dpg_lightning import replay
 from dpg_lightning.inner import (
     InnerConfig,
+    ReplayConfig,
     inner_order,
     metagradient_rewards,
-    tokenize_examples,
+    replay,
+    replay_storage,
 )
+from dpg_lightning.inner.replay_storage import check_replay_storage, checkpoint_steps
 from dpg_lightning.objectives import LMHeadL2Norm
-from dpg_lightning.replay import ReplayConfig, check_replay_storage, checkpoint_steps
+from dpg_lightning.tokenization import tokenize_examples
 from tests.conftest import OPTIMS, finite_difference_rewards, tiny
 
 TEXTS = ["hello world", "abc", "the cat sat", "zz top", "qwerty!", "a", "dpg", "x y"]
@@ -110,7 +112,7 @@ def test_checkpoint_policies():
     assert checkpoint_steps(ReplayConfig("sqrt"), 64) == list(range(0, 64, 8))
     assert checkpoint_steps(ReplayConfig("sqrt"), 1) == [0]
     with pytest.raises(ValueError, match="inner.replay.k"):
-        checkpoint_steps(ReplayConfig("every_k", k=0), 5)
+        ReplayConfig("every_k", k=0)
 
 
 def test_unwritable_directory_fails_before_the_run(tokenizer, tmp_path, monkeypatch):
@@ -145,7 +147,7 @@ def test_full_disk_fails_with_the_estimate(tmp_path, monkeypatch):
     class Usage:
         free = expected // 2
 
-    monkeypatch.setattr(replay.shutil, "disk_usage", lambda path: Usage)
+    monkeypatch.setattr(replay_storage.shutil, "disk_usage", lambda path: Usage)
     with pytest.raises(ValueError, match=r"free but .* needs about .*96 checkpoint"):
         check_replay_storage(cfg, target, 96)
     # sqrt(96) -> 10 stored checkpoints (+ a 9-state host buffer) fit in the same space.
@@ -194,7 +196,7 @@ def test_reverse_pass_holds_one_state_and_one_adjoint(
         seen.append(len(_live_tensors(weight.shape).keys() - before.keys()))
         return inner_step(*args, **kwargs)
 
-    start_adjoint = replay._Store.start_adjoint
+    start_adjoint = replay_storage.Store.start_adjoint
 
     def start_written(store):
         # The background write holds an offloaded part until it is on disk; count after that.
@@ -208,7 +210,7 @@ def test_reverse_pass_holds_one_state_and_one_adjoint(
         return keep_written
 
     monkeypatch.setattr(replay, "_reverse_step", counting)
-    monkeypatch.setattr(replay._Store, "start_adjoint", start_written)
+    monkeypatch.setattr(replay_storage.Store, "start_adjoint", start_written)
     replay_cfg = ReplayConfig(storage="disk", directory=str(tmp_path), offload_adjoint=offload)
     cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="replay", replay=replay_cfg)
     metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
@@ -231,7 +233,7 @@ def test_offloaded_adjoint_parts_leave_memory_at_once(optim, tokenizer, monkeypa
     target = tiny("gpt2")
     data = tokenize_examples(TEXTS, tokenizer, 16)
     order = inner_order(len(data), 2, False, 0)
-    start_adjoint = replay._Store.start_adjoint
+    start_adjoint = replay_storage.Store.start_adjoint
     alive: list[int] = []
 
     def start_tracking(store):
@@ -246,7 +248,7 @@ def test_offloaded_adjoint_parts_leave_memory_at_once(optim, tokenizer, monkeypa
 
         return tracking
 
-    monkeypatch.setattr(replay._Store, "start_adjoint", start_tracking)
+    monkeypatch.setattr(replay_storage.Store, "start_adjoint", start_tracking)
     rcfg = ReplayConfig(storage="disk", directory=str(tmp_path), offload_adjoint=True)
     cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="replay", replay=rcfg)
     metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
@@ -303,11 +305,11 @@ def test_background_write_finishes_before_the_update(tokenizer, monkeypatch, tmp
         return metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)[0]
 
     in_memory = run("cpu")
-    write = replay._write
+    write = replay_storage._write
 
     def slow_write(path, tensors):
         time.sleep(0.2)
         write(path, tensors)
 
-    monkeypatch.setattr(replay, "_write", slow_write)
+    monkeypatch.setattr(replay_storage, "_write", slow_write)
     assert torch.equal(run("disk"), in_memory)

@@ -16,6 +16,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from dpg_lightning.errors import check_choice, check_positive, require
+
 
 @dataclass
 class InnerOptimConfig:
@@ -32,6 +34,21 @@ class InnerOptimConfig:
     eps_root: float = 0.0
     weight_decay: float = 0.0
     momentum: float = 0.0
+
+    def __post_init__(self) -> None:
+        key = "model.inner.optim"
+        check_choice(f"{key}.name", self.name, ("sgd", "adam", "adamw"))
+        check_positive(f"{key}.lr", self.lr)
+        self.betas = tuple(self.betas)
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"`{key}.betas` is {list(self.betas)}; give two values in [0, 1), e.g. [0.9, 0.999]",
+        )
+        for name in ("eps", "eps_root", "weight_decay"):
+            check_positive(f"{key}.{name}", getattr(self, name), allow_zero=True)
+        require(
+            0 <= self.momentum < 1, f"`{key}.momentum` is {self.momentum}; it must be in [0, 1)"
+        )
 
     def torch_class(self) -> type[torch.optim.Optimizer]:
         """The ``torch.optim`` class whose math this config reproduces."""
@@ -102,7 +119,7 @@ def init_state(params: list[Tensor], cfg: InnerOptimConfig | None = None) -> Opt
     """Zero moments for ``params``, only for the lists ``cfg``'s update reads.
 
     A list the update never reads holds ``None``s: for plain SGD that saves two
-    parameter-sized buffers per SFT (1 GB on a GPT-2-124M target).
+    parameter-sized buffers per SFT.
     """
     first, second = used_slots(cfg)
 
@@ -193,8 +210,8 @@ def update_vjp(
 
     Why by hand: differentiating the update with autograd builds a graph of a dozen
     weight-sized intermediates per parameter and runs about three dozen elementwise passes
-    over every weight per inner step; on a GPT-2-124M target that was two thirds of a replay
-    step's time and ~3.5 weight copies of its peak. Checked against autograd of
+    over every weight per inner step, which dominated a replay step's time and peak memory
+    (``benchmarks/README.md``). Checked against autograd of
     :func:`optimizer_step` in float64 for every optimizer setting (``tests/test_optim.py``).
     ``adj`` tensors may be overwritten (the caller hands them over).
     """

@@ -6,7 +6,7 @@ Two fixes, each covered by a test:
   with ``torch.optim.Adam`` (facebookresearch/higher#72, never released): its metagradients
   were seen ~20% off finite differences; and ``torch.optim.AdamW`` is rejected outright. We
   register our own differentiable Adam, AdamW (and SGD, for one code path) with
-  ``higher.register_optim``; all use :func:`dpg_lightning.optim.optimizer_step`.
+  ``higher.register_optim``; all use :func:`dpg_lightning.inner.optim.optimizer_step`.
 * **Slicing patched ``nn.ModuleList``.** Llama-family forwards run
   ``for layer in self.layers[: n]``; ``ModuleList.__getitem__(slice)`` rebuilds the list with
   ``self.__class__(...)``, which for higher's patched class has another signature and raises
@@ -21,7 +21,7 @@ import higher
 import torch
 from torch import nn
 
-from dpg_lightning.optim import InnerOptimConfig, OptimState, init_state, optimizer_step
+from dpg_lightning.inner.optim import InnerOptimConfig, OptimState, init_state, optimizer_step
 
 
 class _DifferentiableTorchOptim(higher.optim.DifferentiableOptimizer):

@@ -1,0 +1,51 @@
+"""Checkpoints of a DPG run: whether a checkpoint belongs to the configured model.
+
+Resuming a checkpoint of another model either fails deep in ``load_state_dict`` with a wall of
+shape mismatches or, with equal shapes, silently becomes another experiment; the checks here
+turn both into one message that names what differs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from dpg_lightning.errors import ConfigError
+
+# Model hyper-parameters that make a checkpoint another run: resuming across them is an error.
+IDENTITY_KEYS = ("generator", "target", "reward", "distributed")
+
+
+def check_checkpoint_config(current: dict[str, Any], saved: dict[str, Any]) -> None:
+    """Error on a checkpoint of a different model; warn about other changed hyper-parameters.
+
+    Why an error: a checkpoint of another architecture otherwise fails deep in
+    ``load_state_dict`` with a wall of shape mismatches, and one of the same shapes but another
+    reward/target/sharing would silently become a different experiment. ``LightningCLI``
+    rebuilds the model from the checkpoint's hyper-parameters, replacing the config's, so the
+    CLI calls this before that happens (``DPGCLI``); ``on_load_checkpoint`` covers the rest.
+    """
+    differ = sorted(k for k in set(current) | set(saved)
+                    if k in current and k in saved and current[k] != saved[k])
+    fatal = [k for k in differ if k in IDENTITY_KEYS]
+    if fatal:
+        lines = "\n".join(_diff_lines(f"model.{k}", saved[k], current[k]) for k in fatal)
+        raise ConfigError(
+            "the checkpoint was trained with a different model configuration, so it cannot be "
+            f"resumed with this config:\n{lines}\nresume with the config the checkpoint was "
+            "trained with (config.yaml in its run directory) or start a fresh run"
+        )
+    if differ:
+        warnings.warn(
+            f"resuming with changed model settings {differ}: the checkpoint's values are used "
+            "(LightningCLI restores a model from its checkpoint's hyper-parameters)",
+            stacklevel=2,
+        )
+
+
+def _diff_lines(key: str, saved: Any, current: Any) -> str:
+    """``key: checkpoint X, config Y`` for each differing leaf (nested dicts are walked)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        return "\n".join(_diff_lines(f"{key}.{k}", saved.get(k), current.get(k)) for k in keys)
+    return f"  {key}: checkpoint {saved!r}, config {current!r}"

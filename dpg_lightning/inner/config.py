@@ -1,0 +1,119 @@
+"""Settings of the inner SFT (``model.inner`` in the YAML) and of its ``replay`` backend.
+
+Both dataclasses check themselves when they are built (``__post_init__``), i.e. while the CLI
+parses the config, so a value that cannot work fails before any model is built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dpg_lightning.errors import (
+    check_choice,
+    check_int_at_least,
+    check_regex,
+    require,
+)
+from dpg_lightning.inner.optim import InnerOptimConfig
+
+BACKENDS = ("higher", "func", "replay")
+
+
+@dataclass
+class ReplayConfig:
+    """Settings of the ``replay`` backend (``inner.replay`` in the YAML).
+
+    Attributes:
+        checkpoint: which states the forward pass saves. ``every``: before every step (T saved
+            states, no recompute); ``every_k``: before every ``k``-th step (T/k saved, each
+            segment recomputed once in the reverse pass and buffered in CPU memory); ``sqrt``:
+            ``every_k`` with ``k = ceil(sqrt(T))``, the classic sqrt(T) memory / one extra
+            forward trade-off.
+        k: segment length for ``every_k``.
+        storage: ``cpu`` (host memory) or ``disk`` (files under ``directory``, deleted after the
+            run); ``disk`` keeps host memory flat in T.
+        directory: parent directory of the checkpoint files for ``disk`` (a fresh sub-directory
+            is made per run); ``None`` uses the system temp directory.
+        offload_adjoint: keep the adjoint the reverse pass carries from step to step (dPhi with
+            respect to the weights and the optimizer moments: three weight copies with Adam) in
+            ``storage`` between steps, and read each parameter's part back only when the
+            backward through that parameter's update reaches it. Peak memory then holds about
+            what a 1-step run holds, whatever the optimizer, for one write and one read of the
+            adjoint per step. It helps where ``storage`` is not the memory the weights live in:
+            ``disk``, or ``cpu`` with the target on an accelerator.
+    """
+
+    checkpoint: Literal["every", "every_k", "sqrt"] = "every"
+    k: int = 4
+    storage: Literal["cpu", "disk"] = "cpu"
+    directory: str | None = None
+    offload_adjoint: bool = False
+
+    def __post_init__(self) -> None:
+        key = "model.inner.replay"
+        check_choice(f"{key}.checkpoint", self.checkpoint, ("every", "every_k", "sqrt"))
+        check_int_at_least(f"{key}.k", self.k, 1)
+        check_choice(f"{key}.storage", self.storage, ("cpu", "disk"))
+
+
+@dataclass
+class InnerConfig:
+    """Inner SFT settings.
+
+    Attributes:
+        optim: inner optimizer (SGD / Adam / AdamW with ``eps_root``).
+        batch_size: examples per inner step (``inner_batch_size``); steps = ceil(N / batch_size).
+        train_params: ``all``, ``lm_head`` (the output embedding; with tied weights that is the
+            input embedding too), or a regex matched against ``named_parameters()`` names.
+        backend: ``higher`` or ``func`` (same math, independent implementations, whole SFT on
+            the tape) or ``replay`` (checkpointed, memory-bounded reverse pass; see
+            :mod:`dpg_lightning.inner.replay` and ``replay`` below).
+        shuffle: shuffle the synthetic set each SFT (order seeded per training step).
+        max_length: target tokens per example, start and end token included (longer
+            completions are truncated).
+        autocast: ``bf16`` runs the inner forward under ``torch.autocast`` in bfloat16 (less
+            activation memory, faster matmuls on GPUs) while the loss and metric stay in fp32;
+            rewards then only approximate the fp32 ones (``benchmarks/knobs.py`` measures how
+            well). ``none`` (default) leaves the computation untouched.
+        activation_checkpointing: recompute each inner step's forward during its backward
+            instead of storing its activations (``torch.utils.checkpoint``, non-reentrant, at
+            the level of the whole step loss with the step's parameters passed explicitly, so
+            the recompute sees the same weights; never transformers' own gradient
+            checkpointing, which recomputes with the module's own parameters). ``func``
+            backend only. Exact, but with the whole SFT on the tape the double backward keeps
+            each step's recomputed activations alive, so it saves little (``benchmarks/``);
+            ``replay`` bounds memory.
+    """
+
+    optim: InnerOptimConfig = field(default_factory=InnerOptimConfig)
+    batch_size: int = 8
+    train_params: str = "all"
+    backend: Literal["higher", "func", "replay"] = "higher"
+    shuffle: bool = True
+    max_length: int = 128
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    autocast: Literal["none", "bf16"] = "none"
+    activation_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        key = "model.inner"
+        check_int_at_least(f"{key}.batch_size", self.batch_size, 1)
+        check_int_at_least(
+            f"{key}.max_length", self.max_length, 3,
+            "a start token, at least one text token and the end token",
+        )
+        if self.train_params not in ("all", "lm_head"):
+            check_regex(f"{key}.train_params", self.train_params)
+        check_choice(f"{key}.backend", self.backend, BACKENDS)
+        check_choice(f"{key}.autocast", self.autocast, ("none", "bf16"))
+        require(
+            not self.activation_checkpointing or self.backend == "func",
+            f"`{key}.activation_checkpointing: true` is implemented for `{key}.backend: func` "
+            f"only (got {self.backend!r}); set `{key}.backend: func` or turn it off",
+        )
+        require(
+            self.autocast == "none" or self.backend != "replay",
+            f"`{key}.autocast: {self.autocast}` is not applied by `{key}.backend: replay`; use "
+            f"`{key}.backend: higher | func` or `{key}.autocast: none`",
+        )

@@ -1,0 +1,62 @@
+"""One inner SFT of the target on a synthetic set: plain, or differentiable in ``eps``.
+
+:func:`run_sft` picks the unrolled backend (:mod:`dpg_lightning.inner.unrolled`);
+:func:`sft_on_texts` is the plain SFT on raw texts that validation and the observing callbacks
+run, so that "what this data teaches the target" is computed one way everywhere. The
+metagradient itself is :mod:`dpg_lightning.inner.attribution`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dpg_lightning.inner.config import InnerConfig
+from dpg_lightning.inner.steps import inner_order, trainable_names
+from dpg_lightning.inner.unrolled import GradReduce, Phi, func_sft, higher_sft
+from dpg_lightning.tokenization import TokenRows, tokenize_examples
+
+
+def run_sft(
+    target: nn.Module,
+    data: TokenRows,
+    eps: Tensor,
+    phi: Phi,
+    cfg: InnerConfig,
+    order: list[Tensor],
+    create_graph: bool,
+    grad_reduce: GradReduce | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Train a copy of ``target`` (its weights are never modified) and return ``(Phi, losses)``.
+
+    With ``create_graph`` the whole SFT stays on the autograd tape, so ``Phi`` can be
+    differentiated w.r.t. ``eps``; without it this is plain SFT (graph freed every step), used
+    for validation and the dataset-level reward. ``grad_reduce`` (shared SFT across ranks) must
+    SUM the ranks' step gradients; the returned losses are then the global step losses.
+    """
+    names = trainable_names(target, cfg.train_params)
+    backend = higher_sft if (create_graph and cfg.backend == "higher") else func_sft
+    with torch.enable_grad():
+        value, losses = backend(
+            target, data, eps, phi, cfg, order, names, create_graph, grad_reduce
+        )
+    if grad_reduce is not None:
+        losses = list(grad_reduce([torch.stack(losses)])[0].unbind())
+    return value, losses
+
+
+def sft_on_texts(
+    target: nn.Module, tokenizer, texts: list[str], phi: Phi, cfg: InnerConfig, seed: int
+) -> Tensor:
+    """``phi`` of the target after a plain SFT on ``texts`` (tokenized as every SFT example).
+
+    The order is shuffled with ``seed`` (when ``cfg.shuffle``), and a set smaller than
+    ``cfg.batch_size`` is one batch. ``phi`` sees the trained target, so it can also read it
+    out (validation readouts, the LM-head patch a callback draws).
+    """
+    device = next(target.parameters()).device
+    data = tokenize_examples(texts, tokenizer, cfg.max_length).to(device)
+    order = inner_order(len(data), min(cfg.batch_size, len(data)), cfg.shuffle, seed)
+    eps = torch.ones(len(data), device=device)
+    value, _ = run_sft(target, data, eps, phi, cfg, order, False)
+    return value.detach()

@@ -1,0 +1,110 @@
+"""The ``higher`` and ``func`` backends: the whole inner SFT unrolled on the autograd tape.
+
+Two independent implementations of the same SFT (tests hold them to each other and to finite
+differences): ``higher`` (the design card's engine, made correct by ``higher_compat``) and
+``func`` (``torch.func.functional_call`` + ``autograd.grad(create_graph=True)``). Both use the
+optimizer math of :mod:`dpg_lightning.inner.optim`. ``func`` without ``create_graph`` is also
+the plain (graph-free) SFT of every backend, used for validation and the dataset reward.
+
+Both return ``(Phi, step losses)``; ``grad_reduce`` (shared SFT) sums the ranks' step
+gradients, differentiably.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import higher
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from dpg_lightning.inner.config import InnerConfig
+from dpg_lightning.inner.higher_compat import patch_module_lists, register
+from dpg_lightning.inner.optim import init_state, optimizer_step
+from dpg_lightning.inner.steps import functional_forward, step_loss
+from dpg_lightning.objectives import MetricOnTarget
+from dpg_lightning.tokenization import TokenRows
+
+register()
+
+Phi = Callable[[nn.Module], Tensor]
+# Sums per-rank step gradients across ranks, differentiably (``None`` entries stay ``None``).
+GradReduce = Callable[[list[Tensor | None]], list[Tensor | None]]
+
+
+def _detach(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach()
+
+
+def func_sft(
+    target: nn.Module,
+    data: TokenRows,
+    eps: Tensor,
+    phi: Phi,
+    cfg: InnerConfig,
+    order: list[Tensor],
+    names: list[str],
+    create_graph: bool,
+    grad_reduce: GradReduce | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """The SFT with ``torch.func``: parameters are plain tensors, swapped into ``target``."""
+    named = dict(target.named_parameters())
+    params = [named[n].detach().requires_grad_() for n in names]
+    state = init_state(params, cfg.optim)
+    losses = []
+    for idx in order:
+        forward = functional_forward(target, names, params)
+        if cfg.activation_checkpointing:
+            # The step's parameters reach the recompute through ``forward`` (the same tensors),
+            # not through the module's own attributes, so the recomputed graph is the original.
+            loss = checkpoint(step_loss, forward, data, idx, eps, cfg.autocast, use_reentrant=False)
+        else:
+            loss = step_loss(forward, data, idx, eps, cfg.autocast)
+        grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+        if grad_reduce is not None:
+            grads = grad_reduce(list(grads))
+        params, state = optimizer_step(params, list(grads), state, cfg.optim)
+        if not create_graph:
+            params = [p.detach().requires_grad_() for p in params]
+            state.exp_avg = [_detach(t) for t in state.exp_avg]
+            state.exp_avg_sq = [_detach(t) for t in state.exp_avg_sq]
+        losses.append(loss.detach())
+    final = {f"target.{n}": p for n, p in zip(names, params)}
+    return torch.func.functional_call(MetricOnTarget(target, phi), final, ()), losses
+
+
+def higher_sft(
+    target: nn.Module,
+    data: TokenRows,
+    eps: Tensor,
+    phi: Phi,
+    cfg: InnerConfig,
+    order: list[Tensor],
+    names: list[str],
+    create_graph: bool,
+    grad_reduce: GradReduce | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """The SFT with ``higher``: a monkey-patched copy of ``target`` and a differentiable
+    optimizer (ours, registered by :mod:`~dpg_lightning.inner.higher_compat`)."""
+    chosen = set(names)
+    named = list(target.named_parameters())
+    opt = cfg.optim.torch_class()([p for n, p in named if n in chosen], **cfg.optim.torch_kwargs())
+    fmodel = higher.monkeypatch(target, copy_initial_weights=True, track_higher_grads=create_graph)
+    fmodel.update_params([p.detach().requires_grad_(n in chosen) for n, p in named])
+    patch_module_lists(fmodel)
+    diffopt = higher.optim.get_diff_optim(
+        opt,
+        target.parameters(),
+        fmodel=fmodel,
+        override={"eps_root": [cfg.optim.eps_root]},
+        track_higher_grads=create_graph,
+    )
+    losses = []
+    for idx in order:
+        loss = step_loss(
+            lambda ids, mask: fmodel(ids, attention_mask=mask), data, idx, eps, cfg.autocast
+        )
+        diffopt.step(loss, grad_callback=grad_reduce)
+        losses.append(loss.detach())
+    return phi(fmodel), losses
