@@ -7,11 +7,17 @@ validation is scheduled every ``val_check_interval`` steps rather than per epoch
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
 from lightning.pytorch.cli import LightningCLI
 
 from dpg_lightning.checkpoints import check_checkpoint_config
 from dpg_lightning.data import PromptDataModule
+from dpg_lightning.errors import ConfigError
 from dpg_lightning.module import DPGModule
+from dpg_lightning.preflight import check_run
 from dpg_lightning.shared_sft import close_process_group
 
 
@@ -32,6 +38,11 @@ class DPGCLI(LightningCLI):
             merged = self.config[sub]["model"]
             check_checkpoint_config(given.as_dict(), merged.as_dict())
 
+    def before_instantiate_classes(self) -> None:
+        """Check what the config names on this machine before any class is built."""
+        sub = self.config.get("subcommand")
+        check_run(self.config[sub].as_dict() if sub else self.config.as_dict())
+
     def after_fit(self) -> None:
         trainer = self.trainer
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
@@ -50,9 +61,36 @@ class DPGCLI(LightningCLI):
         print("\n".join(lines), flush=True)
 
 
+T = TypeVar("T")
+
+
+def config_error(err: BaseException) -> ConfigError | None:
+    """The :class:`ConfigError` behind ``err`` (jsonargparse wraps errors raised while it
+    builds config classes), or ``None`` when ``err`` is not a config mistake."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, ConfigError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def exit_on_config_error(command: Callable[[], T]) -> T:
+    """Run ``command``; a config mistake prints its message (no traceback) and exits 2."""
+    try:
+        return command()
+    except Exception as err:
+        mistake = config_error(err)
+        if mistake is None:
+            raise
+        print(f"error: {mistake}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
 def main(args: list[str] | None = None) -> DPGCLI:
     """Entry point (``args=None`` reads ``sys.argv``)."""
-    cli = DPGCLI(
+    cli = exit_on_config_error(lambda: DPGCLI(
         DPGModule,
         PromptDataModule,
         trainer_defaults={
@@ -64,6 +102,6 @@ def main(args: list[str] | None = None) -> DPGCLI:
         },
         save_config_kwargs={"overwrite": True},
         args=args,
-    )
+    ))
     close_process_group()
     return cli

@@ -14,7 +14,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from dpg_lightning.prompts import PromptStream, prompts_digest, read_prompts
+from dpg_lightning.errors import ConfigError
+from dpg_lightning.prompts import PromptStream, load_prompts, prompts_digest
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -33,10 +34,7 @@ class PromptDataModule(L.LightningDataModule):
         self, prompt_file: str, num_prompts: int = 8, val_num_prompts: int = 16, seed: int = 0
     ) -> None:
         super().__init__()
-        for key, value in (("num_prompts", num_prompts), ("val_num_prompts", val_num_prompts)):
-            if value < 1:
-                raise ValueError(f"`data.{key}` is {value}; it must be at least 1")
-        self.prompts = read_prompts(prompt_file)
+        self.prompts = load_prompts(prompt_file, num_prompts, val_num_prompts, seed)
         self.num_prompts, self.val_num_prompts, self.seed = num_prompts, val_num_prompts, seed
         # Training batches handed to the model so far (counted in `on_before_batch_transfer`,
         # which runs once per batch actually trained on; the loader itself may prefetch).
@@ -81,7 +79,7 @@ class PromptDataModule(L.LightningDataModule):
             theirs = state_dict.get(key, mine)
             if theirs != mine:
                 what = "data.seed" if key == "seed" else "the prompts in data.prompt_file"
-                raise ValueError(
+                raise ConfigError(
                     f"the checkpoint comes from a run with different {what} ({theirs!r}, this "
                     f"run: {mine!r}), so it cannot be resumed exactly; resume with the config "
                     "it was trained with, or start a fresh run (no --ckpt_path, new run dir)"

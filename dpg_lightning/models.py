@@ -27,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from dpg_lightning.errors import check_choice, check_int_at_least, check_positive, require
+
 _DROPOUT_KEYS = (
     "attn_pdrop",
     "embd_pdrop",
@@ -76,6 +78,24 @@ class ModelConfig:
     pretrain_files: list[str] | None = None
     pretrain_steps: int = 0
     pretrain_lr: float = 3e-3
+
+    def __post_init__(self) -> None:
+        key = "model.<generator|target>"  # the same dataclass serves both
+        check_choice(f"{key}.arch", self.arch, ("gpt2", "llama"))
+        check_choice(f"{key}.dtype", self.dtype, ("float32", "float64", "bfloat16"))
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
+                     "max_position_embeddings"):
+            check_int_at_least(f"{key}.{name}", getattr(self, name), 1)
+        require(
+            self.hidden_size % self.num_heads == 0,
+            f"`{key}.hidden_size` ({self.hidden_size}) must be a multiple of `num_heads` "
+            f"({self.num_heads})",
+        )
+        check_positive(f"{key}.init_std", self.init_std)
+        check_int_at_least(f"{key}.pretrain_steps", self.pretrain_steps, 0)
+        check_positive(f"{key}.pretrain_lr", self.pretrain_lr)
+        if self.pretrain_files is not None and isinstance(self.pretrain_files, str):
+            self.pretrain_files = [self.pretrain_files]
 
 
 def byte_tokenizer() -> PreTrainedTokenizerBase:

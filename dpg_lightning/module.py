@@ -18,24 +18,16 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from dpg_lightning.advantages import RunningPhi, compute_advantages
 from dpg_lightning.checkpoints import check_checkpoint_config
-from dpg_lightning.errors import check_choice
-from dpg_lightning.inner import (
-    InnerConfig,
-    Phi,
-    dataset_reward,
-    inner_order,
-    metagradient_rewards,
-    sft_on_texts,
-    trainable_names,
-)
+from dpg_lightning.errors import check_choice, check_int_at_least
+from dpg_lightning.inner import InnerConfig, Phi, inner_order, sft_on_texts, trainable_names
 from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.objectives import LMHeadL2Norm, Objective, check_objective
 from dpg_lightning.policy import PolicyConfig, policy_loss
 from dpg_lightning.pretrain import maybe_pretrain
+from dpg_lightning.rewards import DatasetReward, MetagradientReward
 from dpg_lightning.rollout import SamplingConfig, completion_logprobs, sample_rollout
-from dpg_lightning.seeds import inner_order_seed, step_seed, validation_seed
+from dpg_lightning.seeds import derive_seed
 from dpg_lightning.shared_sft import all_gather_cat, plan_sft, world_info
 from dpg_lightning.slurm import SlurmRequeue, check_slurm_launch
 from dpg_lightning.step_output import StepOutput
@@ -85,6 +77,7 @@ class DPGModule(L.LightningModule):
         self.sampling = sampling or SamplingConfig()
         self.policy = policy or PolicyConfig()
         check_choice("model.reward", reward, ("dpg", "dataset"))
+        check_int_at_least("model.seed", seed, 0)
         check_choice("model.distributed", distributed, ("shared", "independent"))
         self.reward, self.seed, self.distributed = reward, seed, distributed
         _warn_about_settings(self.sampling, self.policy)
@@ -97,8 +90,10 @@ class DPGModule(L.LightningModule):
         maybe_pretrain(self.target, self.target_tokenizer, self.target_cfg)
         self.target.requires_grad_(False)
         self.reference = None
-        # Phi of earlier steps, the baseline of `reward: dataset` (checkpointed: buffers).
-        self.phi_baseline = RunningPhi(self.policy.dataset_baseline_decay)
+        self.rewarder = (
+            MetagradientReward() if reward == "dpg"
+            else DatasetReward(self.policy.dataset_baseline_decay)
+        )
         if self.policy.beta:
             self.reference = copy.deepcopy(self.generator).requires_grad_(False)
         self.metric.bind_tokenizer(self.target_tokenizer)
@@ -132,15 +127,15 @@ class DPGModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: list[str], batch_idx: int) -> None:
         """Re-seed the RNG from (seed, step, rank): exact resumes, distinct samples per rank."""
-        torch.manual_seed(step_seed(self.seed, self.global_step, world_info().rank))
+        torch.manual_seed(derive_seed(self.seed, "sampling", self.global_step, world_info().rank))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model (instead of a wall of shape mismatches)."""
         check_checkpoint_config(dict(self.hparams), checkpoint.get("hyper_parameters", {}))
         state = checkpoint.get("state_dict", {})
-        if "dataset_baseline" in state:  # checkpoints before RunningPhi: (mean, var, count)
+        if "dataset_baseline" in state:  # checkpoints before DatasetReward: (mean, var, count)
             for name, value in zip(("mean", "var", "count"), state.pop("dataset_baseline")):
-                state[f"phi_baseline.{name}"] = value
+                state[f"rewarder.baseline.{name}"] = value
 
     # ---------------------------------------------------------------- training
 
@@ -155,25 +150,12 @@ class DPGModule(L.LightningModule):
             len(data),
             self.inner.batch_size,
             self.inner.shuffle,
-            inner_order_seed(self.seed, self.global_step),
+            derive_seed(self.seed, "inner_order", self.global_step),
             self.distributed,
             world,
         )
-        if self.reward == "dpg":
-            rewards, phi, losses = metagradient_rewards(
-                self.target,
-                data,
-                self.metric,
-                self.inner,
-                plan.order,
-                times=times,
-                grad_reduce=plan.grad_reduce,
-            )
-        else:
-            with _timed(times, "inner_sft"):
-                rewards, phi, losses = dataset_reward(
-                    self.target, data, self.metric, self.inner, plan.order, plan.grad_reduce
-                )
+        scored = self.rewarder.score(self.target, data, self.metric, self.inner, plan, times)
+        rewards, phi, losses = scored.rewards, scored.phi, scored.losses
         # Rewards of all ranks' examples (one SFT over them all when shared): the baselines and
         # the finiteness check must agree across ranks, or DDP's gradient sync would hang.
         all_rewards = all_gather_cat(rewards, world)
@@ -201,21 +183,10 @@ class DPGModule(L.LightningModule):
             opt.zero_grad(set_to_none=True)
             opt.step()
             return StepOutput(rollout.texts, rollout.prompts, rewards.cpu()).as_lightning_output()
-        if self.reward == "dpg":
-            shared = self.distributed == "shared" and world.distributed
-            advantages = compute_advantages(
-                all_rewards if shared else rewards,
-                self.sampling.samples_per_prompt,
-                self.policy.baseline,
-                self.policy.scale_rewards,
-            )
-            if shared:  # this rank's share of the global batch's advantages
-                advantages = advantages.view(world.world_size, -1)[world.rank]
-        else:
-            advantage = self.phi_baseline.advantage(
-                rewards[0], self.policy.baseline, self.policy.scale_rewards
-            )
-            advantages = advantage.to(rewards.dtype).expand_as(rewards).clone()
+        advantages = self.rewarder.advantages(
+            rewards, all_rewards, world, self.distributed == "shared",
+            self.sampling.samples_per_prompt, self.policy,
+        )
         with _timed(times, "policy_update"):
             stats = self._update_policy(rollout, advantages.to(self.device))
         n_tok = rollout.completion_mask.sum().float()
@@ -277,7 +248,8 @@ class DPGModule(L.LightningModule):
         """``phi`` of the target after a plain inner SFT (this run's settings) on ``texts``:
         what this data teaches the target. Validation and observing callbacks use it."""
         return sft_on_texts(
-            self.target, self.target_tokenizer, texts, phi, self.inner, self.seed
+            self.target, self.target_tokenizer, texts, phi, self.inner,
+            derive_seed(self.seed, "validation"),
         )
 
     def evaluate(self, prompts: list[str]) -> dict[str, float]:
@@ -288,7 +260,7 @@ class DPGModule(L.LightningModule):
         """
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(validation_seed(self.seed))
+            torch.manual_seed(derive_seed(self.seed, "validation"))
             rollout = sample_rollout(self.generator, self.gen_tokenizer, prompts, self.sampling)
         readout: dict[str, float] = {}
 

@@ -17,13 +17,27 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import IterableDataset
 
-from dpg_lightning.seeds import prompt_batch_seed
+from dpg_lightning.errors import check_int_at_least
+from dpg_lightning.seeds import derive_seed
 from dpg_lightning.textfiles import read_lines
 
 
 def read_prompts(path: str, key: str = "data.prompt_file") -> list[str]:
     """Prompts, one per line (a literal ``\\n`` inside a prompt stands for a newline)."""
     return [line.replace("\\n", "\n") for line in read_lines(path, key, "prompt")]
+
+
+def load_prompts(
+    prompt_file: str, num_prompts: int = 8, val_num_prompts: int = 16, seed: int = 0
+) -> list[str]:
+    """Check the data settings (``data.*``, the data module's arguments) and read the prompts.
+
+    One function for the data module and for the CLI's check before anything is built.
+    """
+    check_int_at_least("data.num_prompts", num_prompts, 1)
+    check_int_at_least("data.val_num_prompts", val_num_prompts, 1)
+    check_int_at_least("data.seed", seed, 0)
+    return read_prompts(prompt_file)
 
 
 class PromptStream(IterableDataset):
@@ -48,7 +62,7 @@ class PromptStream(IterableDataset):
 
     def batch(self, t: int) -> list[str]:
         """This rank's prompts of global batch ``t``."""
-        gen = torch.Generator().manual_seed(prompt_batch_seed(self.seed, t))
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, "prompts", t))
         idx = torch.randint(len(self.prompts), (self.batch_size * self.world_size,), generator=gen)
         mine = idx[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
         return [self.prompts[i] for i in mine.tolist()]
@@ -61,4 +75,5 @@ class PromptStream(IterableDataset):
 
 
 def prompts_digest(prompts: list[str]) -> str:
+    """A short hash of the prompts, so a resume can tell that they are the same."""
     return hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16]

@@ -1,29 +1,32 @@
 """Every seed a run derives from its base seed, in one place.
 
 Each random stream of a run (the sampling RNG of a training step, the prompts of a batch, the
-order of an inner SFT, the validation sample) is re-seeded from the base seed and the stream's
-counters alone, so that a resumed run draws exactly what the uninterrupted run drew (no RNG
-state to checkpoint) and ranks never share samples.
+order of an inner SFT, the validation sample) is re-seeded from the base seed, the stream's
+name and its counters alone, so that a resumed run draws exactly what the uninterrupted run
+drew (no RNG state to checkpoint) and ranks never share samples. The mixing is numpy's
+``SeedSequence`` (a hash designed for this), not hand-made arithmetic: seeds of different
+streams or counters are independent, never shifted copies of each other.
 """
 
 from __future__ import annotations
 
+from typing import Literal
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of the sampling RNG for training step ``step`` on ``rank``."""
-    return (seed * 1_000_003 + step * 10_007 + rank * 7_919 + 17) % (2**63 - 1)
+import numpy as np
 
-
-def prompt_batch_seed(seed: int, t: int) -> int:
-    """Seed of global prompt batch ``t`` (independent of how many batches came before)."""
-    return (seed * 1_000_003 + t * 7_919 + 1) % (2**63 - 1)
+Stream = Literal["sampling", "prompts", "inner_order", "validation"]
+_STREAM_IDS: dict[str, int] = {"sampling": 1, "prompts": 2, "inner_order": 3, "validation": 4}
 
 
-def inner_order_seed(seed: int, step: int) -> int:
-    """Seed of the inner SFT's shuffle at training step ``step`` (the same on every rank)."""
-    return seed * 1_000_003 + step
+def derive_seed(seed: int, stream: Stream, *counters: int) -> int:
+    """A 63-bit seed for ``stream`` at ``counters`` (e.g. step and rank) of a run seeded ``seed``.
 
-
-def validation_seed(seed: int) -> int:
-    """Seed of the validation sample (the same at every validation: common random numbers)."""
-    return seed + 12345
+    ``sampling`` (step, rank): the generator's sampling at a training step on a rank;
+    ``prompts`` (batch index): a global prompt batch; ``inner_order`` (step): the shuffle of
+    that step's inner SFT, the same on every rank; ``validation`` (): the validation sample,
+    the same at every validation (common random numbers).
+    """
+    if seed < 0 or any(c < 0 for c in counters):
+        raise ValueError(f"seeds and counters must be >= 0 (seed {seed}, counters {counters})")
+    sequence = np.random.SeedSequence(seed, spawn_key=(_STREAM_IDS[stream], *counters))
+    return int(sequence.generate_state(1, np.uint64)[0] >> np.uint64(1))

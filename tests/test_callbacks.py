@@ -6,7 +6,6 @@ that inspect its outputs, to keep the file fast on a small CPU machine.
 
 from __future__ import annotations
 
-import ast
 import csv
 import json
 import struct
@@ -323,17 +322,6 @@ def test_sample_requires_checkpoint(config_file, tmp_path):
 
 
 # ---------------------------------------------------------------- packaging
-
-
-def test_dpg_lightning_never_imports_callbacks():
-    for file in (ROOT / "dpg_lightning").rglob("*.py"):
-        for node in ast.walk(ast.parse(file.read_text())):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0:
-                names = [node.module or ""]
-            assert not any(n == "callbacks" or n.startswith("callbacks.") for n in names), file
 
 
 def test_wandb_config_builds_loggers_and_callbacks(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,7 @@ def _fast(tmp_path: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_fit_subprocess_writes_checkpoint_and_reports_paths(tmp_path):
     cmd = [sys.executable, "-m", "dpg_lightning", "fit", "--config", CONFIG, *_fast(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -61,41 +63,23 @@ def test_unknown_key_is_named(capsys):
     assert "learning_rate" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "override, message",
-    [
-        ("--data.prompt_file=does/not/exist.txt", "data.prompt_file"),
-        ("--model.sampling.samples_per_prompt=0", "sampling.samples_per_prompt"),
-        ("--model.inner.batch_size=64", "inner.batch_size"),
-        ("--model.inner.train_params=no_such_param", "inner.train_params"),
-    ],
-)
-def test_bad_settings_fail_before_training(tmp_path, override, message):
-    with pytest.raises((ValueError, FileNotFoundError), match=message.replace(".", r"\.")):
-        main(["fit", "--config", CONFIG, *_fast(tmp_path), override])
-    assert not list(tmp_path.rglob("*.ckpt"))
-
-
-def test_empty_prompt_file(tmp_path):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n  \n")
-    with pytest.raises(ValueError, match="has no prompts"):
-        main(["fit", "--config", CONFIG, *_fast(tmp_path), f"--data.prompt_file={empty}"])
-
-
 def test_nonfinite_rewards_skip_the_update_and_training_goes_on(tmp_path, monkeypatch):
     import dpg_lightning.module as module
+    import dpg_lightning.rewards as rewards
 
     def nan_rewards(target, data, phi, cfg, order, **kwargs):
         n = len(data)
         return torch.full((n,), float("nan")), torch.tensor(0.0), [torch.tensor(0.0)]
 
-    monkeypatch.setattr(module, "metagradient_rewards", nan_rewards)
+    monkeypatch.setattr(rewards, "metagradient_rewards", nan_rewards)
     cli = main(["fit", "--config", CONFIG, *_fast(tmp_path)])
     initial = module.DPGModule(
         generator=cli.model.gen_cfg, target=cli.model.target_cfg, inner=cli.model.inner
     )
     for a, b in zip(cli.model.generator.parameters(), initial.generator.parameters()):
         assert torch.equal(a, b)  # no update was applied
-    assert cli.trainer.global_step == 0 or cli.trainer.fit_loop.total_batch_idx >= 1
-    assert "train/skipped_nonfinite_rewards" in next(tmp_path.rglob("metrics.csv")).read_text()
+    # Every step ran, was skipped and counted (a skipped update still steps the optimizer).
+    assert cli.trainer.global_step == 2
+    rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
+    skipped = [r["step"] for r in rows if r.get("train/skipped_nonfinite_rewards")]
+    assert skipped == ["0", "1"], rows

@@ -165,6 +165,7 @@ def two_rank_results():
         yield [torch.load(Path(out) / f"rank{r}.pt") for r in range(2)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_shared_sft_rewards_match_single_process(two_rank_results, case):
     target, data, phi = _setup()
@@ -182,6 +183,7 @@ def test_shared_sft_rewards_match_single_process(two_rank_results, case):
         torch.testing.assert_close(got["losses"], torch.stack(losses), rtol=1e-9, atol=0)
 
 
+@pytest.mark.slow
 def test_shared_plain_sft_matches_single_process(two_rank_results):
     target, data, phi = _setup()
     cfg = _inner("func_shuffled_sgd")
@@ -191,6 +193,7 @@ def test_shared_plain_sft_matches_single_process(two_rank_results):
         torch.testing.assert_close(two_rank_results[rank]["dataset_phi"], value, rtol=1e-9, atol=0)
 
 
+@pytest.mark.slow
 def test_generator_update_matches_single_process(two_rank_results):
     """DDP's average of the ranks' policy-loss gradients (equal examples per rank, global
     advantages) is the single-process gradient on all examples: the same generator update."""
@@ -203,6 +206,7 @@ def test_generator_update_matches_single_process(two_rank_results):
             torch.testing.assert_close(g, s, rtol=1e-6, atol=1e-9 * float(s.abs().max()))
 
 
+@pytest.mark.slow
 def test_independent_sfts_differ_from_the_shared_one(two_rank_results):
     shared = two_rank_results[0]["func_shuffled_sgd"]["rewards"]
     independent = two_rank_results[0]["independent"]

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torch import nn
 
 from dpg_lightning.inner import per_example_loss
@@ -95,7 +96,6 @@ def test_bitmaps_are_binary_with_the_right_shapes():
 
 
 def test_qr_bitmap_decodes_back():
-    pytest.importorskip("zxingcpp")
     assert decode_qr(qr_bitmap("DPG") == 1) == "DPG"
     assert decode_qr(np.zeros((21, 21), dtype=bool)) is None
 
@@ -103,8 +103,7 @@ def test_qr_bitmap_decodes_back():
 def test_images_from_files(tmp_path):
     np.save(tmp_path / "pm.npy", np.array([[1, -1], [-1, 1]]))
     assert load_bitmap(str(tmp_path / "pm.npy")).tolist() == [[1, 0], [0, 1]]
-    pil = pytest.importorskip("PIL.Image")
-    pil.fromarray(np.array([[0, 255, 0]], dtype=np.uint8)).save(tmp_path / "bw.png")
+    Image.fromarray(np.array([[0, 255, 0]], dtype=np.uint8)).save(tmp_path / "bw.png")
     assert load_bitmap(str(tmp_path / "bw.png")).tolist() == [[1, 0, 1]]
 
 
@@ -116,8 +115,7 @@ def test_bad_images_fail_clearly(tmp_path):
     np.save(tmp_path / "gray.npy", np.array([[0.0, 0.5], [1.0, 0.0]]))
     with pytest.raises(ValueError, match="0/1 or -1/\\+1"):
         LMHeadPattern(image=str(tmp_path / "gray.npy"))
-    pil = pytest.importorskip("PIL.Image")
-    pil.fromarray(np.array([[0, 128]], dtype=np.uint8)).save(tmp_path / "gray.png")
+    Image.fromarray(np.array([[0, 128]], dtype=np.uint8)).save(tmp_path / "gray.png")
     with pytest.raises(ValueError, match="not binary"):
         LMHeadPattern(image=str(tmp_path / "gray.png"))
     with pytest.raises(FileNotFoundError, match="neither"):

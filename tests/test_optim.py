@@ -133,13 +133,18 @@ def test_in_place_step_is_bit_identical(cfg, dtype):
             assert (a is None and b is None) or torch.equal(a, b)
 
 
-@pytest.mark.parametrize("given", ["all", "params_only", "moments_only"])
+# (optimizer, which output adjoints are given); plain SGD has no moments to give.
+VJP_CASES = [
+    pytest.param(cfg, given, id=f"{cfg.name}-wd{cfg.weight_decay}-m{cfg.momentum}-"
+                 f"r{cfg.eps_root}-{given}")
+    for cfg in CASES + [InnerOptimConfig("adam", lr=1e-2, eps_root=1e-8, weight_decay=0.1)]
+    for given in ("all", "params_only", "moments_only")
+    if given != "moments_only" or any(used_slots(cfg))
+]
+
+
 @pytest.mark.parametrize("step", [1, 3])
-@pytest.mark.parametrize(
-    "cfg",
-    CASES + [InnerOptimConfig("adam", lr=1e-2, eps_root=1e-8, weight_decay=0.1)],
-    ids=lambda c: f"{c.name}-wd{c.weight_decay}-m{c.momentum}-r{c.eps_root}",
-)
+@pytest.mark.parametrize("cfg, given", VJP_CASES)
 def test_update_vjp_matches_autograd(cfg, step, given):
     """The closed-form VJP of one update (used by the replay reverse pass) equals autograd's
     VJP of :func:`optimizer_step` to rounding, for every input and every output adjoint."""
@@ -160,8 +165,7 @@ def test_update_vjp_matches_autograd(cfg, step, given):
         adj[1:] = [None, None]
     elif given == "moments_only":
         adj[0] = None
-    if all(a is None for a in adj):
-        pytest.skip("this optimizer has no moments")
+    assert any(a is not None for a in adj)
     pairs = [(o, a) for o, a in zip(outs, adj) if a is not None]
     inputs = [x for x in (p, g, m, v) if x is not None]
     want = torch.autograd.grad(

@@ -1,0 +1,117 @@
+"""Every setting that needs no model is checked while the config is parsed, before anything is
+built: the run exits with status 2 and one line that names the key, without a traceback.
+
+Each case runs the real CLI in-process with model building replaced by a function that fails
+the test, so "before any model is built" is checked, not assumed. One case also runs as a
+subprocess to see exactly what a user sees (no traceback on stderr) and how long it takes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dpg_lightning import module, preflight
+from dpg_lightning.cli import main
+
+CONFIG = "configs/tiny/l2_norm.yaml"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def no_models(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the config was checked")
+
+    monkeypatch.setattr(module, "build_model", refuse)
+    monkeypatch.setattr(module, "load_tokenizer", refuse)
+
+
+def _fails(capsys, *overrides: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, *overrides])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def _files(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "notes.txt").write_text("hello")
+    return {k: str(tmp_path / f) for k, f in
+            (("empty", "empty.txt"), ("latin1", "latin1.txt"), ("not_a_model", "not_a_model"))}
+
+
+CASES = [
+    # (overrides, the words the message must contain)
+    (["--data.prompt_file=does/not/exist.txt"], ["data.prompt_file", "does/not/exist.txt"]),
+    (["--data.prompt_file={empty}"], ["data.prompt_file", "empty"]),
+    (["--data.prompt_file={latin1}"], ["data.prompt_file", "UTF-8"]),
+    (["--data.num_prompts=0"], ["data.num_prompts", "0"]),
+    (["--model.inner.batch_size=0"], ["model.inner.batch_size", "0"]),
+    (["--model.inner.batch_size=64"], ["model.inner.batch_size", "64", "32 examples"]),
+    (["--model.sampling.samples_per_prompt=0"], ["model.sampling.samples_per_prompt"]),
+    (["--model.inner.optim.lr=-0.1"], ["model.inner.optim.lr", "-0.1"]),
+    (["--model.inner.optim.lr=0"], ["model.inner.optim.lr"]),
+    (["--model.policy.lr=-1e-4"], ["model.policy.lr", "-0.0001"]),
+    (["--model.sampling.max_new_tokens=0"], ["model.sampling.max_new_tokens"]),
+    (["--model.inner.max_length=2"], ["model.inner.max_length", "2", "text token"]),
+    (["--model.inner.train_params=layers.[1"], ["model.inner.train_params", "regular expression"]),
+    (["--model.policy.num_iterations=2", "--model.policy.epsilon=null"],
+     ["model.policy.num_iterations", "model.policy.epsilon"]),
+    (["--trainer.accelerator=gpu"], ["trainer.accelerator", "gpu"]),
+    (["--model.generator.pretrained=./models/nowhere"],
+     ["model.generator.pretrained", "./models/nowhere", "does not exist"]),
+    (["--model.target.pretrained={not_a_model}"],
+     ["model.target.pretrained", "not a transformers model directory"]),
+    (["--model.inner.backend=replay", "--model.inner.autocast=bf16"], ["model.inner.autocast"]),
+    (["--model.inner.replay.k=0"], ["model.inner.replay.k"]),
+    (["--model.seed=-1"], ["model.seed", "-1"]),
+]
+
+
+@pytest.mark.parametrize("overrides, words", CASES, ids=[c[0][0] for c in CASES])
+def test_bad_setting_fails_before_any_model(overrides, words, no_models, capsys, tmp_path):
+    files = _files(tmp_path)
+    err = _fails(capsys, *(o.format(**files) for o in overrides))
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    for word in words:
+        assert word in err, (word, err)
+
+
+def test_hub_name_offline_fails_at_once(no_models, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(preflight, "hub_reachable", lambda timeout=3.0: pytest.fail("probed"))
+    err = _fails(capsys, "--model.generator.pretrained=meta-llama/Llama-3.2-1B-Instruct")
+    assert "model.generator.pretrained" in err and "HF_HUB_OFFLINE" in err
+
+
+def test_hub_name_without_network_fails_at_once(no_models, capsys, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(preflight, "hub_reachable", lambda timeout=3.0: False)
+    err = _fails(capsys, "--model.target.pretrained=openai-community/gpt2")
+    assert "model.target.pretrained" in err and "cannot be reached" in err
+
+
+@pytest.mark.slow
+def test_what_a_user_sees(tmp_path):
+    """The real command: exit status 2, the message, no traceback, in parse time (the same
+    run with ``--print_config`` is the yardstick: nothing is built either way)."""
+    base = [sys.executable, "-m", "dpg_lightning", "fit", "--config", CONFIG]
+    start = time.perf_counter()
+    printed = subprocess.run([*base, "--print_config"], capture_output=True, text=True,
+                             cwd=ROOT, timeout=300)
+    parse_time = time.perf_counter() - start
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    start = time.perf_counter()
+    bad = subprocess.run([*base, "--model.inner.optim.lr=-1"], capture_output=True, text=True,
+                         cwd=ROOT, timeout=300)
+    elapsed = time.perf_counter() - start
+    assert bad.returncode == 2
+    assert "Traceback" not in bad.stderr and "`model.inner.optim.lr` is -1.0" in bad.stderr
+    assert elapsed < 3 * parse_time + 10, (elapsed, parse_time)
