@@ -9,21 +9,9 @@ string).
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import lightning as L
 
-
-def plain(value: Any) -> Any:
-    """Dataclasses to dicts and tuples to lists, recursively; other values unchanged."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
+from dpg_lightning.checkpoints import plain
 
 
 class StructuredHparams(L.Callback):

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
-from callbacks.samples import run_dir
+from callbacks.files import drop_rows_from, run_dir, writes_files
 from dpg_lightning.patterns import decode_qr, load_bitmap
 from dpg_lightning.step_output import StepOutput
 
@@ -52,9 +52,17 @@ class PhiCurvePlot(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         directory = run_dir(trainer)
-        if stage == "fit" and trainer.is_global_zero:
+        if writes_files(trainer, stage):
             directory.mkdir(parents=True, exist_ok=True)
             self.output_path = directory / self.filename
+
+    def state_dict(self) -> dict[str, Any]:
+        """The curve so far, checkpointed: a resumed run's plot shows the whole run."""
+        return {"history": list(self.history), "initial": self._initial}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [tuple(point) for point in state_dict.get("history", [])]
+        self._initial = state_dict.get("initial")
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or self.output_path is None:
@@ -190,9 +198,14 @@ class LMHeadPatchImage(L.Callback):
                 f"the target's LM head of shape {shape}"
             )
         directory = run_dir(trainer) / self.dirname
-        if stage == "fit" and trainer.is_global_zero:
+        if writes_files(trainer, stage):
             directory.mkdir(parents=True, exist_ok=True)
             self.output_path = directory
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resumed run drops the QR readings of the steps it redoes."""
+        if self.output_path is not None and trainer.global_step > 0:
+            drop_rows_from(self.output_path / "decodes.jsonl", trainer.global_step)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

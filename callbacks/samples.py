@@ -14,14 +14,10 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
+from callbacks.files import drop_rows_from, run_dir, writes_files
 from dpg_lightning.step_output import StepOutput
 
 COLUMNS = ["step", "rank", "prompt", "text", "reward", "advantage"]
-
-
-def run_dir(trainer: L.Trainer) -> Path:
-    """The run's output directory: ``trainer.log_dir`` (the first logger's), else the root dir."""
-    return Path(trainer.log_dir or trainer.default_root_dir)
 
 
 def _number(value: float | None) -> float | None:
@@ -100,11 +96,20 @@ class SampleWriter(L.Callback):
         self._step = 0
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # `trainer.log_dir` broadcasts, so every rank must ask; only rank zero writes.
-        directory = run_dir(trainer)
-        if stage == "fit" and trainer.is_global_zero:
+        directory = run_dir(trainer)  # every rank must ask; only rank zero writes
+        if writes_files(trainer, stage):
             directory.mkdir(parents=True, exist_ok=True)
             self.output_path = directory / self.filename
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resumed run continues the file: rows of steps it redoes are dropped, and the
+        W&B table starts from the rows already written."""
+        if self.output_path is None or trainer.global_step == 0:
+            return
+        drop_rows_from(self.output_path, trainer.global_step)
+        if self.output_path.is_file():
+            rows = [json.loads(line) for line in self.output_path.read_text().splitlines()]
+            self._rows = rows[-self.max_table_rows :]
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int

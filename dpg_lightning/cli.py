@@ -1,36 +1,66 @@
-"""``python -m dpg_lightning fit --config configs/....yaml``: a thin LightningCLI.
+"""``python -m dpg_lightning <command>``: a thin LightningCLI plus the commands around a run.
 
-Defaults that every DPG run needs are set here, so configs stay short: validation runs a plain
-SFT and needs autograd (``inference_mode: false``), and the prompt stream is endless, so
-validation is scheduled every ``val_check_interval`` steps rather than per epoch.
+``fit`` and ``validate`` are LightningCLI's (``test``/``predict`` are left out: a DPG module has
+no test or predict step). ``sample`` and ``export`` use a trained generator
+(:mod:`dpg_lightning.sample`). Defaults that every DPG run needs are set here, so configs stay
+short: validation runs a plain SFT and needs autograd (``inference_mode: false``), and the
+prompt stream is endless, so validation is scheduled every ``val_check_interval`` steps.
+
+Before anything is built the CLI resolves the run's directory and checkpoint
+(:mod:`dpg_lightning.run_dir`) and checks the config on this machine
+(:mod:`dpg_lightning.preflight`); an error the user can act on prints one line and exits non-zero
+(:func:`exit_on_run_error`); a run stopped by SIGTERM/SIGINT exits ``128 + signal``.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from dpg_lightning.checkpoints import check_checkpoint_config
+from dpg_lightning.checkpoints import AtomicCheckpointIO, check_checkpoint_config
 from dpg_lightning.data import PromptDataModule
-from dpg_lightning.errors import ConfigError
+from dpg_lightning.errors import RunError
 from dpg_lightning.module import DPGModule
 from dpg_lightning.preflight import check_run
+from dpg_lightning.run_dir import report, resolve_run
 from dpg_lightning.shared_sft import close_process_group
+from dpg_lightning.shutdown import GracefulShutdown
+from dpg_lightning.threads import configure_threads
+
+#: The commands, as ``--help`` lists them.
+COMMANDS = {
+    "fit": "train the generator (DPG) from a config: fit --config configs/....yaml",
+    "validate": "validation Phi of a generator: validate --config ... --ckpt_path ...",
+    "sample": "write a synthetic dataset (JSONL) from a trained generator",
+    "export": "save a trained generator with save_pretrained (for transformers)",
+}
 
 
 class DPGCLI(LightningCLI):
-    """LightningCLI that reports where a finished run put its outputs."""
+    """LightningCLI for DPG: one run directory, atomic checkpoints, a summary at the end."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Only the trainer functions a DPG module implements."""
+        return {
+            "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
+            "validate": {"model", "dataloaders", "datamodule"},
+        }
 
     def _parse_ckpt_path(self) -> None:
-        """Refuse a ``--ckpt_path`` of another model instead of silently adopting its config.
-
-        LightningCLI replaces the model config with the checkpoint's hyper-parameters; for a
-        checkpoint of a different model that would quietly resume *that* model.
-        """
+        """Resolve ``--ckpt_path`` (``last``: the run's newest readable checkpoint) and the
+        run directory, then refuse a checkpoint of another model instead of silently
+        adopting its config (LightningCLI replaces the model config with the checkpoint's
+        hyper-parameters; for another model that would quietly resume *that* model)."""
         sub = self.config.get("subcommand")
+        if sub:
+            report(resolve_run(self.config[sub]))
         given = self.config[sub].get("model") if sub else None
         given = given.clone() if hasattr(given, "clone") else None
         super()._parse_ckpt_path()
@@ -43,54 +73,67 @@ class DPGCLI(LightningCLI):
         sub = self.config.get("subcommand")
         check_run(self.config[sub].as_dict() if sub else self.config.as_dict())
 
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Write checkpoints atomically unless the config brings its own checkpoint IO."""
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
+        return super().instantiate_trainer(**kwargs)
+
     def after_fit(self) -> None:
+        """Say where the run's outputs are (only files that exist)."""
         trainer = self.trainer
         log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
         lines = [f"run directory:  {log_dir}"]
         ckpt = trainer.checkpoint_callback
-        if ckpt is not None:
-            lines.append(f"checkpoints:    {ckpt.dirpath} (best: {ckpt.best_model_path or '-'})")
+        if ckpt is not None and ckpt.dirpath and Path(ckpt.dirpath).is_dir():
+            best = ckpt.best_model_path if Path(ckpt.best_model_path or "").is_file() else "-"
+            lines.append(f"checkpoints:    {ckpt.dirpath} (best: {best})")
         for cb in trainer.callbacks:
             path = getattr(cb, "output_path", None)
-            if path:
+            if path and Path(path).exists():
                 lines.append(f"{type(cb).__name__}: {path}")
         for logger in trainer.loggers:
-            lines.append(f"{type(logger).__name__} metrics: {logger.log_dir or logger.save_dir}")
+            where = logger.log_dir or logger.save_dir
+            if where and Path(where).exists():
+                lines.append(f"{type(logger).__name__} metrics: {where}")
         print("\n".join(lines), flush=True)
 
 
 T = TypeVar("T")
 
 
-def config_error(err: BaseException) -> ConfigError | None:
-    """The :class:`ConfigError` behind ``err`` (jsonargparse wraps errors raised while it
-    builds config classes), or ``None`` when ``err`` is not a config mistake."""
+def run_error(err: BaseException) -> RunError | None:
+    """The :class:`RunError` behind ``err`` (jsonargparse wraps errors raised while it builds
+    config classes), or ``None`` when ``err`` is not one (a bug: keep its traceback)."""
     seen: set[int] = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, ConfigError):
+        if isinstance(err, RunError):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
 
 
-def exit_on_config_error(command: Callable[[], T]) -> T:
-    """Run ``command``; a config mistake prints its message (no traceback) and exits 2."""
+def exit_on_run_error(command: Callable[[], T]) -> T:
+    """Run ``command``; a :class:`RunError` prints its message (no traceback) and exits with
+    its status (2 for a config mistake)."""
     try:
         return command()
     except Exception as err:
-        mistake = config_error(err)
-        if mistake is None:
+        known = run_error(err)
+        if known is None:
             raise
-        print(f"error: {mistake}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        print(f"error: {known}", file=sys.stderr, flush=True)
+        raise SystemExit(known.exit_code) from None
 
 
-def main(args: list[str] | None = None) -> DPGCLI:
-    """Entry point (``args=None`` reads ``sys.argv``)."""
-    cli = exit_on_config_error(lambda: DPGCLI(
+def lightning_main(args: list[str] | None = None) -> DPGCLI:
+    """``fit`` / ``validate`` through LightningCLI (``args=None`` reads ``sys.argv``)."""
+    cli = exit_on_run_error(lambda: DPGCLI(
         DPGModule,
         PromptDataModule,
         trainer_defaults={
@@ -104,4 +147,37 @@ def main(args: list[str] | None = None) -> DPGCLI:
         args=args,
     ))
     close_process_group()
+    trainer = getattr(cli, "trainer", None)
+    for cb in trainer.callbacks if trainer is not None else []:
+        if isinstance(cb, GracefulShutdown) and cb.exit_code is not None:
+            raise SystemExit(cb.exit_code)
     return cli
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {what}" for name, what in COMMANDS.items()]
+    return (
+        "usage: python -m dpg_lightning <command> [options]   (or: dpg-lightning <command>)\n\n"
+        "commands:\n" + "\n".join(lines) + "\n\n"
+        "`<command> --help` lists a command's options; every config key can be given as "
+        "--key.subkey=value."
+    )
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Entry point of ``python -m dpg_lightning`` and the ``dpg-lightning`` script."""
+    argv = sys.argv[1:] if args is None else list(args)
+    command = argv[0] if argv else None
+    if command in (None, "-h", "--help"):
+        print(_usage(), file=sys.stdout if command else sys.stderr)
+        raise SystemExit(0 if command else 2)
+    if command not in COMMANDS:
+        print(f"error: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    configure_threads()
+    if command in ("sample", "export"):
+        from dpg_lightning import sample
+
+        return exit_on_run_error(lambda: getattr(sample, f"{command}_main")(argv[1:]))
+    return lightning_main(argv if args is not None else None)

@@ -1,9 +1,11 @@
-"""Config mistakes: one exception type, and the small checks the config dataclasses share.
+"""Errors a user can act on, and the small checks the config dataclasses share.
 
-A :class:`ConfigError` is a mistake in what the user wrote (a key's value), not a bug: the CLI
-prints its message, which names the key, the value and what to use instead, without a Python
-traceback, and exits with status 2 (as argparse does for a bad flag). It subclasses
-``ValueError`` so that library callers can catch it like any other bad argument.
+A :class:`RunError` is not a bug: the CLI prints its message (what went wrong and what to
+change) without a Python traceback and exits with its ``exit_code``. A :class:`ConfigError` is
+a mistake in what the user wrote (a key's value): the message names the key, the value and
+what to use instead, and the exit status is 2 (as argparse's for a bad flag); it subclasses
+``ValueError`` so that library callers can catch it like any other bad argument. A
+:class:`TrainingDiverged` is a run that stopped producing finite numbers: status 1.
 
 The config dataclasses call these checks from ``__post_init__``, so a bad value fails while
 the command line is parsed, before any model is built.
@@ -16,8 +18,21 @@ from collections.abc import Iterable
 from typing import Any
 
 
-class ConfigError(ValueError):
+class RunError(Exception):
+    """An error the message fully explains: printed without a traceback, exit ``exit_code``."""
+
+    exit_code = 1
+
+
+class ConfigError(RunError, ValueError):
     """A setting that cannot work; the message says which key, its value and the fix."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(RunError):
+    """Training produced non-finite numbers for too long: the message says what diverged
+    and which settings to lower."""
 
 
 def require(condition: bool, message: str) -> None:

@@ -19,16 +19,20 @@ import torch
 from torch import Tensor
 
 from dpg_lightning.checkpoints import check_checkpoint_config
+from dpg_lightning.divergence import DivergenceGuard, StepNumbers, check_validation_phi
 from dpg_lightning.errors import check_choice, check_int_at_least
 from dpg_lightning.inner import InnerConfig, Phi, inner_order, sft_on_texts, trainable_names
 from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.objectives import LMHeadL2Norm, Objective, check_objective
 from dpg_lightning.policy import PolicyConfig, policy_loss
 from dpg_lightning.pretrain import maybe_pretrain
+from dpg_lightning.progress import PhaseReporter, phase_progress_bar
 from dpg_lightning.rewards import DatasetReward, MetagradientReward
 from dpg_lightning.rollout import SamplingConfig, completion_logprobs, sample_rollout
+from dpg_lightning.run_dir import RememberWandbRun
 from dpg_lightning.seeds import derive_seed
 from dpg_lightning.shared_sft import all_gather_cat, plan_sft, world_info
+from dpg_lightning.shutdown import GracefulShutdown
 from dpg_lightning.slurm import SlurmRequeue, check_slurm_launch
 from dpg_lightning.step_output import StepOutput
 from dpg_lightning.tokenization import tokenize_examples
@@ -51,7 +55,10 @@ class DPGModule(L.LightningModule):
         distributed: with several ranks, ``shared`` (default) runs ONE inner SFT over all
             ranks' examples (exact rewards; gradients all-reduced inside the differentiable
             loop); ``independent`` gives each rank its own SFT on its own examples (an
-            approximation, no inner communication). See ``dpg_lightning.distributed``.
+            approximation, no inner communication). See :mod:`dpg_lightning.shared_sft`.
+        max_nonfinite_steps: consecutive training steps with non-finite rewards, Phi or inner
+            loss after which the run stops with an error (a single one is skipped). A
+            non-finite validation Phi stops the run at once.
     """
 
     def __init__(
@@ -65,6 +72,7 @@ class DPGModule(L.LightningModule):
         reward: Literal["dpg", "dataset"] = "dpg",
         seed: int = 0,
         distributed: Literal["shared", "independent"] = "shared",
+        max_nonfinite_steps: int = 5,
     ) -> None:
         super().__init__()
         check_slurm_launch()
@@ -79,7 +87,10 @@ class DPGModule(L.LightningModule):
         check_choice("model.reward", reward, ("dpg", "dataset"))
         check_int_at_least("model.seed", seed, 0)
         check_choice("model.distributed", distributed, ("shared", "independent"))
+        check_int_at_least("model.max_nonfinite_steps", max_nonfinite_steps, 1)
         self.reward, self.seed, self.distributed = reward, seed, distributed
+        self.phases = PhaseReporter()  # where a step is, for the progress bar
+        self.divergence = DivergenceGuard(max_nonfinite_steps, self._lower_hints())
         _warn_about_settings(self.sampling, self.policy)
 
         self.gen_tokenizer = load_tokenizer(self.gen_cfg)
@@ -122,8 +133,13 @@ class DPGModule(L.LightningModule):
             inner_order(n, self.inner.batch_size, False, 0)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Slurm auto-requeue that checkpoints between steps (see ``SlurmRequeue``)."""
-        return [SlurmRequeue()]
+        """Callbacks every DPG run needs: Slurm auto-requeue and SIGTERM/SIGINT handling, both
+        checkpointing between steps (``SlurmRequeue``, ``GracefulShutdown``), the W&B run id
+        kept in the run directory for resumes (``RememberWandbRun``), and, in place of
+        Lightning's default tqdm bar, one that shows the phase of the step."""
+        callbacks: list[L.Callback] = [SlurmRequeue(), GracefulShutdown(), RememberWandbRun()]
+        bar = phase_progress_bar(self.trainer.progress_bar_callback)
+        return callbacks + ([bar] if bar is not None else [])
 
     def on_train_batch_start(self, batch: list[str], batch_idx: int) -> None:
         """Re-seed the RNG from (seed, step, rank): exact resumes, distinct samples per rank."""
@@ -141,6 +157,7 @@ class DPGModule(L.LightningModule):
 
     def training_step(self, batch: list[str], batch_idx: int) -> dict[str, StepOutput]:
         times: dict[str, float] = {}
+        self.phases.phase("rollout")
         with _timed(times, "rollout"):
             rollout = sample_rollout(self.generator, self.gen_tokenizer, batch, self.sampling)
         data = tokenize_examples(rollout.texts, self.target_tokenizer, self.inner.max_length)
@@ -154,7 +171,9 @@ class DPGModule(L.LightningModule):
             self.distributed,
             world,
         )
-        scored = self.rewarder.score(self.target, data, self.metric, self.inner, plan, times)
+        scored = self.rewarder.score(
+            self.target, data, self.metric, self.inner, plan, times, self.phases.phase
+        )
         rewards, phi, losses = scored.rewards, scored.phi, scored.losses
         # Rewards of all ranks' examples (one SFT over them all when shared): the baselines and
         # the finiteness check must agree across ranks, or DDP's gradient sync would hang.
@@ -171,11 +190,16 @@ class DPGModule(L.LightningModule):
             },
             batch_size=len(batch),
         )
-        if not torch.isfinite(all_rewards).all():
-            # Skip the update (logged) rather than poison the generator; training goes on.
-            self.log("train/skipped_nonfinite_rewards", 1.0, batch_size=len(batch))
+        problems = self.divergence.check(
+            self.global_step, StepNumbers(all_rewards, phis, [torch.stack(losses)])
+        )
+        if problems:
+            # Skip the update (logged) rather than poison the generator; the guard ends the
+            # run if this goes on.
+            self.log("train/skipped_nonfinite", 1.0, batch_size=len(batch))
             warnings.warn(
-                f"step {self.global_step}: non-finite rewards, policy update skipped", stacklevel=2
+                f"step {self.global_step}: non-finite {'; '.join(problems)}: policy update "
+                "skipped", stacklevel=2,
             )
             # An optimizer step with no gradients changes nothing but still counts the step,
             # so `trainer.max_steps` is reached and checkpoints stay on schedule.
@@ -215,6 +239,8 @@ class DPGModule(L.LightningModule):
         opt = self.optimizers()
         n = len(rollout.texts)
         stats: dict[str, list[Tensor]] = {"policy_loss": [], "clip_frac": [], "kl": []}
+        opt_steps, total_steps = 0, p.num_iterations * p.num_minibatches
+        self.phases.phase("policy update", 0, total_steps)
         for _ in range(p.num_iterations):
             perm = torch.randperm(n, device=self.device) if p.num_minibatches > 1 else None
             rows_list = perm.chunk(p.num_minibatches) if perm is not None else [None]
@@ -237,6 +263,7 @@ class DPGModule(L.LightningModule):
                         opt, gradient_clip_val=p.max_grad_norm, gradient_clip_algorithm="norm"
                     )
                 opt.step()
+                self.phases.phase("policy update", opt_steps := opt_steps + 1, total_steps)
                 stats["policy_loss"].append(loss.detach())
                 for k, v in s.items():
                     stats[k].append(v)
@@ -259,6 +286,7 @@ class DPGModule(L.LightningModule):
         because the generator changed.
         """
         devices = [self.device] if self.device.type == "cuda" else []
+        self.phases.phase("validation: rollout")
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(derive_seed(self.seed, "validation"))
             rollout = sample_rollout(self.generator, self.gen_tokenizer, prompts, self.sampling)
@@ -269,7 +297,11 @@ class DPGModule(L.LightningModule):
             readout.update(self.metric.readout(target))
             return value
 
-        phi = self.sft_on_texts(rollout.texts, phi_and_readout)
+        phi = sft_on_texts(
+            self.target, self.target_tokenizer, rollout.texts, phi_and_readout, self.inner,
+            derive_seed(self.seed, "validation"),
+            lambda name, done, total: self.phases.phase(f"validation: {name}", done, total),
+        )
         return {
             "val/phi": float(phi),
             "val/phi_initial": self.phi_initial,
@@ -282,13 +314,31 @@ class DPGModule(L.LightningModule):
                 "validation runs a (plain) SFT and needs autograd: "
                 "set `trainer.inference_mode: false`"
             )
-        self.log_dict(self.evaluate(batch), batch_size=len(batch))
+        metrics = self.evaluate(batch)
+        check_validation_phi(metrics["val/phi"], self.global_step, self._lower_hints())
+        self.log_dict(metrics, batch_size=len(batch))
+
+    def on_train_batch_end(self, outputs: object, batch: list[str], batch_idx: int) -> None:
+        """At the last step, stop: Lightning then validates (if this step had no validation
+        scheduled), so every run ends with a final ``val/phi`` and a best checkpoint."""
+        trainer = self.trainer
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+    def _lower_hints(self) -> list[tuple[str, object]]:
+        """Settings a diverging run should lower, with their values (for error messages)."""
+        hints: list[tuple[str, object]] = [("model.inner.optim.lr", self.inner.optim.lr)]
+        if self.inner.autocast != "none":
+            hints.append(("model.inner.autocast", self.inner.autocast))
+        hints.append(("model.policy.lr", self.policy.lr))
+        return hints
 
     def on_train_start(self) -> None:
         """Log validation Phi at step 0: every run's curve starts at the untrained generator."""
         dm = getattr(self.trainer, "datamodule", None)
         if self.global_step == 0 and dm is not None and self.loggers:
             metrics = self.evaluate(next(iter(dm.val_dataloader())))
+            check_validation_phi(metrics["val/phi"], 0, self._lower_hints())
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=0)
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from dpg_lightning.advantages import RunningPhi, compute_advantages
 from dpg_lightning.inner import InnerConfig, Phi, dataset_reward, metagradient_rewards
+from dpg_lightning.inner.steps import Progress
 from dpg_lightning.policy import PolicyConfig
 from dpg_lightning.shared_sft import SFTPlan, WorldInfo
 from dpg_lightning.tokenization import TokenRows
@@ -35,10 +36,11 @@ class MetagradientReward:
 
     def score(
         self, target: nn.Module, data: TokenRows, phi: Phi, inner: InnerConfig, plan: SFTPlan,
-        times: dict[str, float],
+        times: dict[str, float], progress: Progress | None = None,
     ) -> Scored:
         return Scored(*metagradient_rewards(
-            target, data, phi, inner, plan.order, times=times, grad_reduce=plan.grad_reduce
+            target, data, phi, inner, plan.order, times=times, grad_reduce=plan.grad_reduce,
+            progress=progress,
         ))
 
     def advantages(
@@ -66,10 +68,12 @@ class DatasetReward(nn.Module):
 
     def score(
         self, target: nn.Module, data: TokenRows, phi: Phi, inner: InnerConfig, plan: SFTPlan,
-        times: dict[str, float],
+        times: dict[str, float], progress: Progress | None = None,
     ) -> Scored:
         start = time.perf_counter()
-        scored = Scored(*dataset_reward(target, data, phi, inner, plan.order, plan.grad_reduce))
+        scored = Scored(*dataset_reward(
+            target, data, phi, inner, plan.order, plan.grad_reduce, progress
+        ))
         times["inner_sft"] = time.perf_counter() - start
         return scored
 

@@ -23,11 +23,15 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dpg_lightning.checkpoints import check_checkpoint_config, plain
 from dpg_lightning.data import PromptDataModule
+from dpg_lightning.errors import ConfigError, RunError
 from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.module import DPGModule
+from dpg_lightning.preflight import check_ckpt_path, check_model_source
 from dpg_lightning.prompts import read_prompts
 from dpg_lightning.rollout import SamplingConfig, sample_rollout
+from dpg_lightning.run_dir import unreadable
 
 
 def _parser(command: str, description: str) -> ArgumentParser:
@@ -65,23 +69,29 @@ def _device(name: str) -> torch.device:
 
 
 def load_generator(cfg: Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Build the generator of ``cfg.model`` and load its trained weights from ``cfg.ckpt_path``."""
-    if not cfg.ckpt_path:
-        raise ValueError("`--ckpt_path` is required: the checkpoint of a DPG run (*.ckpt)")
+    """Build the generator of ``cfg.model`` and load its trained weights from ``cfg.ckpt_path``.
+
+    The checkpoint must come from a run of this model (the same check as ``fit --ckpt_path``:
+    one message naming what differs, not a wall of shape mismatches).
+    """
+    check_ckpt_path(cfg.ckpt_path)
     path = Path(cfg.ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"`--ckpt_path {path}` does not exist")
-    gen = cfg.model.generator
-    gen_cfg = ModelConfig(**gen.as_dict()) if gen is not None else ModelConfig()
-    tokenizer = load_tokenizer(gen_cfg)
-    model = build_model(gen_cfg, len(tokenizer))
+    why = unreadable(path)
+    if why is not None:
+        raise ConfigError(f"`--ckpt_path {path}` cannot be read: {why}")
     # Lightning checkpoints pickle the hyperparameters (config dataclasses), so weights_only
     # loading would refuse them; mmap avoids reading the target and optimizer states at all.
     ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     prefix = "generator."
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
-        raise ValueError(f"{path} holds no `generator.*` weights: is it a DPG checkpoint?")
+        raise ConfigError(f"{path} holds no `generator.*` weights: is it a DPG checkpoint?")
+    check_checkpoint_config(plain(cfg.model.as_dict()), plain(ckpt.get("hyper_parameters", {})))
+    gen = cfg.model.generator
+    gen_cfg = ModelConfig(**gen.as_dict()) if gen is not None else ModelConfig()
+    check_model_source(gen_cfg.pretrained, "model.generator.pretrained")
+    tokenizer = load_tokenizer(gen_cfg)
+    model = build_model(gen_cfg, len(tokenizer))
     model.load_state_dict(state)
     return model.eval(), tokenizer
 
@@ -166,7 +176,14 @@ def export_main(argv: list[str] | None = None) -> Path:
     gen.do_sample, gen.temperature, gen.top_p = True, sampling.temperature, sampling.top_p
     gen.top_k, gen.max_new_tokens = 0, sampling.max_new_tokens
     output = Path(cfg.output)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(
+            f"`--output {output}` is an existing file; export writes a directory (config, "
+            "weights, tokenizer): give a new or existing directory"
+        )
     model.save_pretrained(output)
     tokenizer.save_pretrained(output)
+    if not (output / "config.json").is_file():
+        raise RunError(f"export wrote no config.json to {output}; nothing usable was exported")
     print(f"exported the generator to {output}", flush=True)
     return output

@@ -49,19 +49,11 @@ export WANDB_RUN_ID=$(cat "$RUN_DIR/wandb_run_id")
 export WANDB_RESUME=allow
 export WANDB_DIR=${WANDB_DIR:-$RUN_DIR}
 
-# Resume: the newest of Lightning's HPC checkpoint (written on SIGUSR1 before auto-requeue,
-# into trainer.default_root_dir) and any `last*.ckpt` (ModelCheckpoint save_last) under the
-# run directory. Passed explicitly as --ckpt_path, because Lightning only looks for
-# hpc_ckpt_* itself and would miss a last.ckpt after a requeue that gave no SIGUSR1 warning.
-latest_checkpoint() {
-  find "$1" -type f \( -name 'hpc_ckpt_*.ckpt' -o -name 'last*.ckpt' \) -printf '%T@ %p\n' \
-    2>/dev/null | sort -n | tail -n 1 | cut -d' ' -f2-
-}
-RESUME_ARGS=()
-CKPT=$(latest_checkpoint "$RUN_DIR")
-if [[ -n $CKPT ]]; then
-  RESUME_ARGS=(--ckpt_path "$CKPT")
-fi
+# Resume: `--ckpt_path last` makes the run resume its newest *readable* checkpoint in the run
+# directory (Lightning's HPC checkpoint, written on SIGUSR1 before auto-requeue, or a
+# `last*.ckpt` of ModelCheckpoint), skipping broken files with a message, and start fresh when
+# there is none; metrics, samples and W&B then continue in the same run directory.
+RESUME_ARGS=(--ckpt_path last)
 
 # Where outputs go: the trainer's root dir (HPC checkpoints) and the logger's save_dir
 # (metrics, and ModelCheckpoint's default dirpath). LOGGER_ARGS assumes one logger given as
@@ -75,4 +67,4 @@ fi
 
 echo "[dpg-slurm] job ${SLURM_JOB_ID:-?} restart ${SLURM_RESTART_COUNT:-0} on ${SLURM_JOB_NODELIST:-?}:" \
      "${SLURM_NNODES:-1} node(s) x ${SLURM_NTASKS_PER_NODE:-1} task(s); run dir $RUN_DIR;" \
-     "wandb id $WANDB_RUN_ID; resume from ${CKPT:-nothing (fresh start)}"
+     "wandb id $WANDB_RUN_ID; resuming the newest readable checkpoint there, if any"

@@ -81,5 +81,5 @@ def test_nonfinite_rewards_skip_the_update_and_training_goes_on(tmp_path, monkey
     # Every step ran, was skipped and counted (a skipped update still steps the optimizer).
     assert cli.trainer.global_step == 2
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
-    skipped = [r["step"] for r in rows if r.get("train/skipped_nonfinite_rewards")]
+    skipped = [r["step"] for r in rows if r.get("train/skipped_nonfinite")]
     assert skipped == ["0", "1"], rows

@@ -48,7 +48,8 @@ CORE = [
     "dpg_lightning.errors",
     "dpg_lightning.step_output",
     "dpg_lightning.textfiles",
-    "dpg_lightning.checkpoints",
+    "dpg_lightning.divergence",
+    "dpg_lightning.threads",
 ]
 
 

@@ -1,11 +1,13 @@
 """The sbatch template on a real (one-node) Slurm cluster: 2 tasks, CPU/gloo, tiny config.
 
-``slurm/testing/start_cluster.sh`` installs Debian's Slurm and starts munge, slurmctld and
-slurmd on this machine; where that cannot work (not root, no apt, no network) the tests skip
-and say why. Checked: both ranks ran under ``srun``, the checkpoint exists, the logged metrics
-come from the shared SFT (one SFT over both ranks' examples: ``train/sft_examples`` counts all
-of them and both ranks ended with the same ``Phi``), and a job requeued mid-run
-(``scontrol requeue``) resumes from its checkpoint instead of step 0.
+``slurm/testing/start_cluster.sh`` starts munge, slurmctld and slurmd with all their config,
+state and logs in a temporary directory (installing Debian's Slurm first if it is missing);
+the ``cluster`` fixture stops them again by pid and removes the packages if it installed them.
+Where that cannot work (not root, no apt, no network) the tests skip and say why. Checked:
+both ranks ran under ``srun``, the checkpoint exists, the logged metrics come from the shared
+SFT (one SFT over both ranks' examples: ``train/sft_examples`` counts all of them and both
+ranks ended with the same ``Phi``), and a job requeued mid-run (``scontrol requeue``) resumes
+from its checkpoint instead of step 0.
 """
 
 from __future__ import annotations
@@ -29,20 +31,100 @@ TEMPLATE = ROOT / "slurm" / "single_node.sbatch"
 NUM_PROMPTS, SAMPLES = 2, 2  # per rank (the tiny config of test_resume)
 
 
+SCRIPT = ROOT / "slurm" / "testing" / "start_cluster.sh"
+
+
+def _as_root(*cmd: str) -> list[str]:
+    return list(cmd) if os.geteuid() == 0 else ["sudo", "-n", *cmd]
+
+
+def _proc(pid: int) -> str | None:
+    """The command line of a running ``pid``; None when it is gone (or a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    if stat.rsplit(")", 1)[-1].split()[0] == "Z":
+        return None
+    return cmdline.replace(b"\0", b" ").decode(errors="replace").strip()
+
+
+def _cluster_procs(cluster_dir: Path) -> dict[int, str]:
+    """The cluster's running processes, pid -> command line: the pids in its pid files and
+    every process carrying its mark (start_cluster.sh starts the daemons with it in their
+    environment; the slurmstepds that slurmd forks inherit it)."""
+    pids = set()
+    for f in (cluster_dir / "run").glob("*.pid"):
+        try:
+            pids.add(int(f.read_text()))
+        except (OSError, ValueError):
+            pass
+    mark = f"DPG_TEST_CLUSTER={cluster_dir}".encode()
+    for p in Path("/proc").iterdir():
+        try:
+            if p.name.isdigit() and mark in (p / "environ").read_bytes().split(b"\0"):
+                pids.add(int(p.name))
+        except OSError:
+            pass
+    procs = {pid: _proc(pid) for pid in pids}
+    return {pid: cmd for pid, cmd in procs.items() if cmd is not None}
+
+
+def _stop_cluster(cluster_dir: Path) -> None:
+    """Stop every process of the cluster (STOP=1, then SIGKILL by pid what is left), then
+    purge the packages its start installed, if it installed any. Raises if anything stays."""
+    procs = _cluster_procs(cluster_dir)
+    stop = subprocess.run(_as_root("env", "STOP=1", str(SCRIPT), str(cluster_dir)),
+                          capture_output=True, text=True, timeout=180)
+    report = [f"STOP exit {stop.returncode}: {stop.stderr.strip()}"]
+    procs.update(_cluster_procs(cluster_dir))
+    left = {pid: cmd for pid, cmd in procs.items() if _proc(pid) == cmd}
+    if left:
+        report.append(f"SIGKILL {left}")
+        subprocess.run(_as_root("kill", "-9", *map(str, left)))
+        deadline = time.time() + 10
+        while time.time() < deadline and any(_proc(pid) == cmd for pid, cmd in left.items()):
+            time.sleep(0.2)
+    still = {pid: cmd for pid, cmd in left.items() if _proc(pid) == cmd}
+    installed = cluster_dir / "installed-packages"
+    if not still and installed.is_file() and installed.stat().st_size:
+        purge = subprocess.run(
+            _as_root("env", "STOP=1", "UNINSTALL=1", str(SCRIPT), str(cluster_dir)),
+            capture_output=True, text=True, timeout=600)
+        report.append(f"UNINSTALL exit {purge.returncode}: {purge.stderr.strip()}")
+        if purge.returncode != 0:
+            still["packages"] = installed.read_text()
+    (cluster_dir / "stop.log").write_text("\n".join(report) + "\n")
+    if still:
+        raise RuntimeError(f"the Slurm test cluster in {cluster_dir} left {still}:\n"
+                           + "\n".join(report))
+
+
 @pytest.fixture(scope="module")
-def cluster():
-    script = ROOT / "slurm" / "testing" / "start_cluster.sh"
+def cluster(tmp_path_factory):
+    """A one-node Slurm cluster private to a temporary directory, for this module's tests:
+    ``SLURM_CONF`` points the client commands (and the jobs' ``srun``) at it while they run;
+    afterwards its daemons are stopped by pid and packages its start installed are purged."""
     if os.geteuid() != 0 and shutil.which("sudo") is None:
         pytest.skip("Slurm test cluster needs root (apt-get and the daemons); not root here")
-    cmd = [str(script)] if os.geteuid() == 0 else ["sudo", "-n", str(script)]
+    cluster_dir = tmp_path_factory.mktemp("slurm-cluster")
     try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        res = subprocess.run(_as_root(str(SCRIPT), str(cluster_dir)),
+                             capture_output=True, text=True, timeout=600)
+        why = None if res.returncode == 0 else (
+            f"start_cluster.sh exit {res.returncode}: {(res.stderr or res.stdout).strip()[-500:]}")
     except subprocess.TimeoutExpired:
-        pytest.skip("Slurm test cluster did not come up within 10 minutes")
-    if res.returncode != 0:
-        pytest.skip(f"Slurm test cluster unavailable (start_cluster.sh exit {res.returncode}): "
-                    f"{(res.stderr or res.stdout).strip()[-500:]}")
-    return True
+        why = "it did not come up within 10 minutes"
+    if why:
+        _stop_cluster(cluster_dir)  # a failed start may have started daemons or installed
+        pytest.skip(f"Slurm test cluster unavailable ({why})")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("SLURM_CONF", str(cluster_dir / "slurm.conf"))
+            yield cluster_dir
+    finally:
+        _stop_cluster(cluster_dir)
 
 
 def _slurm_config(tmp: Path, max_steps: int) -> Path:
@@ -113,7 +195,7 @@ def test_two_task_job_runs_the_shared_sft(cluster, tmp_path):
     _wait(job, log, lambda: _state(job) == "COMPLETED", 420, "COMPLETED")
     text = log.read_text()
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in text and "GLOBAL_RANK: 1, MEMBER: 2/2" in text, text
-    assert "resume from nothing" in text
+    assert "no checkpoint of this run yet" in text
     last = next(run_dir.glob("csv/version_0/checkpoints/last.ckpt"))
     assert _ckpt_step(last) == steps
     assert (run_dir / "wandb_run_id").read_text().strip()
@@ -139,7 +221,7 @@ def _attempt(text: str, n: int) -> str:
 
 
 def _resumed_step(attempt: str) -> int:
-    resumed = re.search(r"resume from (\S+\.ckpt)", attempt)
+    resumed = re.search(r"resuming (\S+\.ckpt)", attempt)
     assert resumed, attempt[:2000]
     assert "Restoring states from the checkpoint path" in attempt, attempt[-3000:]
     return _ckpt_step(Path(resumed.group(1)))
@@ -184,10 +266,13 @@ def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):
     # except possibly the one just before the hard requeue's checkpoint: Lightning writes a
     # step's checkpoint (ModelCheckpoint.on_train_batch_end) before it logs that step's
     # metrics, so a SIGKILL between the two loses that one row (seen once in CI).
+    # One run, one directory: every attempt logged into version_0, and the rows an attempt
+    # wrote after its last checkpoint were dropped when the next one redid those steps.
+    assert [p.name for p in run_dir.glob("csv/version_*")] == ["version_0"]
     logged = [int(r["step"]) for r in _metrics(run_dir) if r.get("train/sft_examples")]
     missing = set(range(steps)) - set(logged)
     assert missing <= {first - 1} and set(logged) <= set(range(steps)), (missing, logged)
-    assert all(logged.count(s) == 1 for s in range(first) if s not in missing), logged
+    assert all(logged.count(s) == 1 for s in range(steps) if s not in missing), logged
     lasts = run_dir.glob("csv/version_*/checkpoints/last.ckpt")
     final = max(lasts, key=lambda p: p.stat().st_mtime)
     assert _ckpt_step(final) == steps

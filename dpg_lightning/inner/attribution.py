@@ -18,7 +18,7 @@ from dpg_lightning.errors import ConfigError
 from dpg_lightning.inner.config import InnerConfig
 from dpg_lightning.inner.replay import replay_rewards
 from dpg_lightning.inner.sft import run_sft
-from dpg_lightning.inner.steps import eps_dtype
+from dpg_lightning.inner.steps import Progress, eps_dtype
 from dpg_lightning.inner.unrolled import GradReduce, Phi
 from dpg_lightning.tokenization import TokenRows
 
@@ -31,6 +31,7 @@ def metagradient_rewards(
     order: list[Tensor],
     times: dict[str, float] | None = None,
     grad_reduce: GradReduce | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """DPG rewards ``r_i = dPhi/deps_i`` at ``eps = 1``; returns ``(rewards, Phi, losses)``.
 
@@ -44,13 +45,15 @@ def metagradient_rewards(
                 "`model.inner.backend: replay` does not support the shared multi-rank SFT; use "
                 "`model.inner.backend: higher | func` or `model.distributed: independent`"
             )
-        return replay_rewards(target, data, phi, cfg, order, times)
+        return replay_rewards(target, data, phi, cfg, order, times, progress)
     start = time.perf_counter()
     eps = torch.ones(
         len(data), dtype=eps_dtype(target), device=data.input_ids.device, requires_grad=True
     )
-    value, losses = run_sft(target, data, eps, phi, cfg, order, True, grad_reduce)
+    value, losses = run_sft(target, data, eps, phi, cfg, order, True, grad_reduce, progress)
     middle = time.perf_counter()
+    if progress is not None:
+        progress("attribution", 0, 0)
     (rewards,) = torch.autograd.grad(value, eps, allow_unused=True)
     if grad_reduce is not None and rewards is not None:
         # Every rank computed the same Phi and differentiates it; the backward of each SUM
@@ -73,9 +76,10 @@ def dataset_reward(
     cfg: InnerConfig,
     order: list[Tensor],
     grad_reduce: GradReduce | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Naive baseline: every example gets ``Phi(SFT(D))`` (same SFT, no metagradient)."""
     eps = torch.ones(len(data), device=data.input_ids.device)
-    value, losses = run_sft(target, data, eps, phi, cfg, order, False, grad_reduce)
+    value, losses = run_sft(target, data, eps, phi, cfg, order, False, grad_reduce, progress)
     value = value.detach()
     return value.expand(len(data)).clone(), value, losses

@@ -77,7 +77,13 @@ from dpg_lightning.inner.replay_storage import (
     load_packed,
     pack_state,
 )
-from dpg_lightning.inner.steps import eps_dtype, functional_forward, step_loss, trainable_names
+from dpg_lightning.inner.steps import (
+    Progress,
+    eps_dtype,
+    functional_forward,
+    step_loss,
+    trainable_names,
+)
 from dpg_lightning.objectives import MetricOnTarget
 from dpg_lightning.tokenization import TokenRows
 
@@ -238,6 +244,7 @@ def replay_rewards(
     cfg: InnerConfig,
     order: list[Tensor],
     times: dict[str, float] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """DPG rewards ``r_i = dPhi/deps_i`` at ``eps = 1`` by step-wise replay.
 
@@ -279,6 +286,8 @@ def replay_rewards(
                     store.put(t, work, state)
                 state, loss = _plain_step(run, idx, work, state, before_update)
                 losses.append(loss)
+                if progress is not None:
+                    progress("inner SFT", t + 1, n_steps)
 
             final = [p.detach().requires_grad_() for p in work]
             value = torch.func.functional_call(
@@ -325,6 +334,8 @@ def replay_rewards(
                     )
                     if d_eps is not None:
                         rewards += d_eps
+                    if progress is not None:
+                        progress("attribution", n_steps - t, n_steps)
             modified = False  # the last step replayed state 0 in the working tensors
     finally:
         try:

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from dpg_lightning.inner.config import InnerConfig
-from dpg_lightning.inner.steps import inner_order, trainable_names
+from dpg_lightning.inner.steps import Progress, inner_order, trainable_names
 from dpg_lightning.inner.unrolled import GradReduce, Phi, func_sft, higher_sft
 from dpg_lightning.tokenization import TokenRows, tokenize_examples
 
@@ -26,6 +26,7 @@ def run_sft(
     order: list[Tensor],
     create_graph: bool,
     grad_reduce: GradReduce | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Train a copy of ``target`` (its weights are never modified) and return ``(Phi, losses)``.
 
@@ -38,7 +39,7 @@ def run_sft(
     backend = higher_sft if (create_graph and cfg.backend == "higher") else func_sft
     with torch.enable_grad():
         value, losses = backend(
-            target, data, eps, phi, cfg, order, names, create_graph, grad_reduce
+            target, data, eps, phi, cfg, order, names, create_graph, grad_reduce, progress
         )
     if grad_reduce is not None:
         losses = list(grad_reduce([torch.stack(losses)])[0].unbind())
@@ -46,7 +47,13 @@ def run_sft(
 
 
 def sft_on_texts(
-    target: nn.Module, tokenizer, texts: list[str], phi: Phi, cfg: InnerConfig, seed: int
+    target: nn.Module,
+    tokenizer,
+    texts: list[str],
+    phi: Phi,
+    cfg: InnerConfig,
+    seed: int,
+    progress: Progress | None = None,
 ) -> Tensor:
     """``phi`` of the target after a plain SFT on ``texts`` (tokenized as every SFT example).
 
@@ -58,5 +65,5 @@ def sft_on_texts(
     data = tokenize_examples(texts, tokenizer, cfg.max_length).to(device)
     order = inner_order(len(data), min(cfg.batch_size, len(data)), cfg.shuffle, seed)
     eps = torch.ones(len(data), device=device)
-    value, _ = run_sft(target, data, eps, phi, cfg, order, False)
+    value, _ = run_sft(target, data, eps, phi, cfg, order, False, progress=progress)
     return value.detach()

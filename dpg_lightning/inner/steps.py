@@ -24,6 +24,9 @@ from dpg_lightning.tokenization import TokenRows
 
 #: ``forward(input_ids, attention_mask)`` of the target at one step's weights.
 Forward = Callable[[Tensor, Tensor], object]
+#: ``progress(phase, done, total)``: where a long computation is (``inner SFT``,
+#: ``attribution``), for progress bars; ``None`` reports nothing.
+Progress = Callable[[str, int, int], None]
 
 
 def per_example_loss(logits: Tensor, labels: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from dpg_lightning.inner.config import InnerConfig
 from dpg_lightning.inner.higher_compat import patch_module_lists, register
 from dpg_lightning.inner.optim import init_state, optimizer_step
-from dpg_lightning.inner.steps import functional_forward, step_loss
+from dpg_lightning.inner.steps import Progress, functional_forward, step_loss
 from dpg_lightning.objectives import MetricOnTarget
 from dpg_lightning.tokenization import TokenRows
 
@@ -47,6 +47,7 @@ def func_sft(
     names: list[str],
     create_graph: bool,
     grad_reduce: GradReduce | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """The SFT with ``torch.func``: parameters are plain tensors, swapped into ``target``."""
     named = dict(target.named_parameters())
@@ -70,6 +71,8 @@ def func_sft(
             state.exp_avg = [_detach(t) for t in state.exp_avg]
             state.exp_avg_sq = [_detach(t) for t in state.exp_avg_sq]
         losses.append(loss.detach())
+        if progress is not None:
+            progress("inner SFT", len(losses), len(order))
     final = {f"target.{n}": p for n, p in zip(names, params)}
     return torch.func.functional_call(MetricOnTarget(target, phi), final, ()), losses
 
@@ -84,6 +87,7 @@ def higher_sft(
     names: list[str],
     create_graph: bool,
     grad_reduce: GradReduce | None = None,
+    progress: Progress | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """The SFT with ``higher``: a monkey-patched copy of ``target`` and a differentiable
     optimizer (ours, registered by :mod:`~dpg_lightning.inner.higher_compat`)."""
@@ -107,4 +111,6 @@ def higher_sft(
         )
         diffopt.step(loss, grad_callback=grad_reduce)
         losses.append(loss.detach())
+        if progress is not None:
+            progress("inner SFT", len(losses), len(order))
     return phi(fmodel), losses
