@@ -6,7 +6,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean clean-runs
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,5 +29,14 @@ test-fast: $(VENV)/.installed
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q -ra -m "not slow"
 
+# Caches only. Runs (checkpoints, metrics) are results: `make clean-runs` deletes them, after
+# asking (CONFIRM=yes skips the question).
 clean:
-	rm -rf runs lightning_logs wandb .pytest_cache
+	rm -rf .pytest_cache .ruff_cache
+	find . -path ./.venv -prune -o -name __pycache__ -type d -exec rm -rf {} +
+
+clean-runs:
+	@echo "This deletes every run under runs/, lightning_logs/ and wandb/ (checkpoints, metrics)."
+	@if [ "$(CONFIRM)" != yes ]; then read -p "Type yes to delete them: " answer; \
+	  [ "$$answer" = yes ] || { echo "kept"; exit 1; }; fi
+	rm -rf runs lightning_logs wandb

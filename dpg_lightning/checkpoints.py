@@ -89,6 +89,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer
+            stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
             with open(tmp, "wb") as f:
@@ -98,11 +100,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             os.replace(tmp, path)
         except BaseException as err:
             tmp.unlink(missing_ok=True)
-            if isinstance(err, OSError):
+            # A full disk or a file-size limit surfaces as an OSError or, from torch's zip
+            # writer, as a RuntimeError: both leave the previous checkpoint as it was.
+            if isinstance(err, (OSError, RuntimeError)):
                 kept = "the previous one is kept" if path.exists() else "no earlier one exists"
                 raise OSError(
-                    err.errno, f"writing checkpoint {path} failed ({err.strerror}); {kept}. "
-                    "Free space on that filesystem or point the checkpoints elsewhere"
+                    f"writing checkpoint {path} failed ({err}); {kept}. Free space on that "
+                    "filesystem or point the checkpoints elsewhere"
                 ) from err
             raise
         directory = os.open(path.parent, os.O_RDONLY)

@@ -47,6 +47,14 @@ def _values(t: Tensor) -> str:
     return ", ".join(f"{v:g}" for v in t.flatten().tolist()[:4])
 
 
+def _settings(hints: list[tuple[str, object]]) -> str:
+    """``key`` (now value), ... for the settings worth lowering."""
+    return ", ".join(
+        f"`{key}` (now {value:g})" if isinstance(value, float) else f"`{key}` (now {value})"
+        for key, value in hints
+    )
+
+
 class DivergenceGuard:
     """Counts consecutive non-finite training steps; raises once ``limit`` are reached.
 
@@ -58,31 +66,35 @@ class DivergenceGuard:
     def __init__(self, limit: int, hints: list[tuple[str, object]]) -> None:
         self.limit, self.hints = limit, hints
         self.streak = 0
+        self.last: tuple[int, list[str]] = (0, [])
 
-    def check(self, step: int, numbers: StepNumbers) -> list[str]:
-        """What is non-finite at ``step`` (empty: a good step, the count restarts)."""
-        problems = numbers.problems()
-        if not problems:
-            self.streak = 0
-            return []
-        self.streak += 1
-        if self.streak >= self.limit:
-            lower = ", ".join(f"`{key}` (now {value})" for key, value in self.hints)
-            raise TrainingDiverged(
-                f"training diverged: {self.streak} consecutive steps up to step {step} had "
-                f"non-finite numbers (at step {step}: {'; '.join(problems)}); every policy "
-                f"update was skipped. Lower {lower}, then start again (checkpoints saved "
-                "before the divergence are kept). `model.max_nonfinite_steps` sets how many "
-                "such steps are tolerated"
-            )
-        return problems
+    def record(self, step: int, problems: list[str]) -> None:
+        """Count ``step`` with its :meth:`StepNumbers.problems` (empty: a good step, the count
+        restarts)."""
+        self.streak = self.streak + 1 if problems else 0
+        if problems:
+            self.last = (step, problems)
+
+    def raise_if_diverged(self) -> None:
+        """Raise once ``limit`` consecutive steps had problems. Called between steps, after
+        the last one's metrics reached the loggers."""
+        if self.streak < self.limit:
+            return
+        step, problems = self.last
+        raise TrainingDiverged(
+            f"training diverged: {self.streak} consecutive steps up to step {step} had "
+            f"non-finite numbers (at step {step}: {'; '.join(problems)}); every policy update "
+            f"was skipped. Lower {_settings(self.hints)}, then start again (checkpoints saved "
+            "before the divergence are kept). `model.max_nonfinite_steps` sets how many such "
+            "steps are tolerated"
+        )
 
 
 def check_validation_phi(value: float, step: int, hints: list[tuple[str, object]]) -> None:
     """A non-finite validation Phi ends the run at once: no checkpoint may be chosen by it."""
     if math.isfinite(value):
         return
-    lower = ", ".join(f"`{key}` (now {v})" for key, v in hints)
+    lower = _settings(hints)
     raise TrainingDiverged(
         f"validation Phi is {value} at step {step}: the plain inner SFT on the generator's "
         f"samples diverged (or the metric is not finite after it), so no checkpoint can be "

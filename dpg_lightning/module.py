@@ -141,10 +141,6 @@ class DPGModule(L.LightningModule):
         bar = phase_progress_bar(self.trainer.progress_bar_callback)
         return callbacks + ([bar] if bar is not None else [])
 
-    def on_train_batch_start(self, batch: list[str], batch_idx: int) -> None:
-        """Re-seed the RNG from (seed, step, rank): exact resumes, distinct samples per rank."""
-        torch.manual_seed(derive_seed(self.seed, "sampling", self.global_step, world_info().rank))
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model (instead of a wall of shape mismatches)."""
         check_checkpoint_config(dict(self.hparams), checkpoint.get("hyper_parameters", {}))
@@ -190,9 +186,8 @@ class DPGModule(L.LightningModule):
             },
             batch_size=len(batch),
         )
-        problems = self.divergence.check(
-            self.global_step, StepNumbers(all_rewards, phis, [torch.stack(losses)])
-        )
+        problems = StepNumbers(all_rewards, phis, [torch.stack(losses)]).problems()
+        self.divergence.record(self.global_step, problems)
         if problems:
             # Skip the update (logged) rather than poison the generator; the guard ends the
             # run if this goes on.
@@ -317,6 +312,15 @@ class DPGModule(L.LightningModule):
         metrics = self.evaluate(batch)
         check_validation_phi(metrics["val/phi"], self.global_step, self._lower_hints())
         self.log_dict(metrics, batch_size=len(batch))
+
+    def on_train_batch_start(self, batch: list[str], batch_idx: int) -> None:
+        """Re-seed the RNG from (seed, step, rank): exact resumes, distinct samples per rank.
+        Stop first if the steps before this one diverged (their metrics are logged by now)."""
+        self.divergence.raise_if_diverged()
+        torch.manual_seed(derive_seed(self.seed, "sampling", self.global_step, world_info().rank))
+
+    def on_train_end(self) -> None:
+        self.divergence.raise_if_diverged()
 
     def on_train_batch_end(self, outputs: object, batch: list[str], batch_idx: int) -> None:
         """At the last step, stop: Lightning then validates (if this step had no validation

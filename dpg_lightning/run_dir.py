@@ -6,9 +6,9 @@ gives a resumed run a new ``version_N+1`` (so the curve is split in two and ``--
 last`` finds nothing in the new, empty directory) and its CSV logger deletes an existing
 ``metrics.csv``. Before anything is built, :func:`resolve_run` therefore
 
-* turns ``--ckpt_path last`` into the newest *readable* checkpoint of the run (``last*.ckpt``
-  in its checkpoint directories, ``hpc_ckpt_*.ckpt`` in the root dir), saying which broken
-  files it skipped, or into a fresh start when there is none;
+* turns ``--ckpt_path last`` into the newest *readable* checkpoint of the run (in its
+  checkpoint directories, and Slurm's ``hpc_ckpt_*.ckpt`` in the root dir), saying which
+  broken files it skipped, or into a fresh start when there is none;
 * pins every logger to the version directory the checkpoint belongs to, and swaps
   Lightning's ``CSVLogger`` for :class:`RunCSVLogger`, which appends to ``metrics.csv``
   (dropping the rows of steps the checkpoint does not hold: they are about to be redone);
@@ -131,12 +131,11 @@ def _checkpoint_dirs(config: Any, logger: LoggerSpec | None) -> list[Path]:
 
 
 def newest_readable_checkpoint(dirs: list[Path]) -> tuple[Path | None, list[str]]:
-    """The newest readable ``last*.ckpt`` / ``hpc_ckpt_*.ckpt`` in ``dirs``, and a line for
-    each newer one that is broken (skipped)."""
+    """The newest readable checkpoint in ``dirs`` (``last*.ckpt``, ``hpc_ckpt_*.ckpt`` and the
+    kept top-k files: any of them resumes the run), and a line for each newer broken one."""
     found: set[Path] = set()
     for d in dirs:
-        for pattern in ("last*.ckpt", "hpc_ckpt_*.ckpt"):
-            found.update(Path(p) for p in glob.glob(str(d / pattern)))
+        found.update(Path(p) for p in glob.glob(str(d / "*.ckpt")))
     skipped = []
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
         why = unreadable(path)
@@ -284,15 +283,25 @@ class _AppendingWriter(ExperimentWriter):
 class RunCSVLogger(CSVLogger):
     """Lightning's ``CSVLogger`` that continues a resumed run's ``metrics.csv`` in place.
 
-    The CLI uses it wherever a config names Lightning's ``CSVLogger`` (same arguments).
+    The CLI uses it wherever a config names Lightning's ``CSVLogger`` (same arguments). It
+    writes the file every step by default (Lightning: every 100): a DPG step takes seconds
+    to minutes, so this costs nothing, and a killed run keeps the rows of its steps.
 
     Args:
         resume_step: the step the run resumes from (set by the CLI): rows of this step and
             later, left by the interrupted attempt, are dropped; ``None`` keeps every row.
     """
 
-    def __init__(self, *args: Any, resume_step: int | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        save_dir: str,
+        name: str | None = "lightning_logs",
+        version: int | str | None = None,
+        prefix: str = "",
+        flush_logs_every_n_steps: int = 1,
+        resume_step: int | None = None,
+    ) -> None:
+        super().__init__(save_dir, name, version, prefix, flush_logs_every_n_steps)
         self.resume_step = resume_step
 
     @property

@@ -51,6 +51,8 @@ class GracefulShutdown(L.Callback):
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in SIGNALS:
+            if signal.getsignal(signum) is signal.SIG_IGN:
+                continue  # ignored on purpose (nohup, a background job): leave it so
             self._previous[signum] = signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
