@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from torch import nn
 
 from dpg_lightning.checkpoints import AtomicCheckpointIO
@@ -416,3 +417,29 @@ def test_progress_shows_the_phases_of_a_step(tmp_path):
 
     items = bar.get_metrics(Trainer(), None)
     assert items == {"phi": 1.0, "phase": "inner SFT 3/12"}
+
+
+def test_a_resumed_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    cfg = yaml.safe_load((ROOT / "configs/tiny/l2_norm_wandb.yaml").read_text())
+    for logger in cfg["trainer"]["logger"]:
+        logger["init_args"]["save_dir"] = str(tmp_path)
+    cfg["trainer"]["default_root_dir"] = str(tmp_path)
+    config = tmp_path / "wandb.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    base = ["fit", "--config", str(config), *TINY, "--trainer.val_check_interval=1000"]
+
+    def run_id(cli) -> str:
+        wandb_logger = cli.trainer.loggers[1]
+        run = wandb_logger.experiment
+        identity = run.id
+        run.finish()
+        return identity
+
+    first = run_id(main([*base, "--trainer.max_steps=1"]))
+    assert (tmp_path / "csv" / "version_0" / "wandb_run_id").read_text().strip() == first
+    resumed = run_id(main([*base, "--trainer.max_steps=2", "--ckpt_path", "last"]))
+    assert resumed == first and [p.name for p in (tmp_path / "csv").iterdir()] == ["version_0"]
