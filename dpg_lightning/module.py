@@ -8,6 +8,7 @@ when ``policy.beta > 0``, a frozen ``reference`` copy of the initial generator.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 import warnings
@@ -91,7 +92,7 @@ class DPGModule(L.LightningModule):
         self.reward, self.seed, self.distributed = reward, seed, distributed
         self.phases = PhaseReporter()  # where a step is, for the progress bar
         self.divergence = DivergenceGuard(max_nonfinite_steps, self._lower_hints())
-        _warn_about_settings(self.sampling, self.policy)
+        _warn_about_settings(self.sampling, self.policy, self.gen_cfg)
 
         self.gen_tokenizer = load_tokenizer(self.gen_cfg)
         self.generator = build_model(self.gen_cfg, len(self.gen_tokenizer))
@@ -167,9 +168,10 @@ class DPGModule(L.LightningModule):
             self.distributed,
             world,
         )
-        scored = self.rewarder.score(
-            self.target, data, self.metric, self.inner, plan, times, self.phases.phase
-        )
+        with self._target_precision():
+            scored = self.rewarder.score(
+                self.target, data, self.metric, self.inner, plan, times, self.phases.phase
+            )
         rewards, phi, losses = scored.rewards, scored.phi, scored.losses
         # Rewards of all ranks' examples (one SFT over them all when shared): the baselines and
         # the finiteness check must agree across ranks, or DDP's gradient sync would hang.
@@ -269,10 +271,27 @@ class DPGModule(L.LightningModule):
     def sft_on_texts(self, texts: list[str], phi: Phi) -> torch.Tensor:
         """``phi`` of the target after a plain inner SFT (this run's settings) on ``texts``:
         what this data teaches the target. Validation and observing callbacks use it."""
-        return sft_on_texts(
-            self.target, self.target_tokenizer, texts, phi, self.inner,
-            derive_seed(self.seed, "validation"),
-        )
+        with self._target_precision():
+            return sft_on_texts(
+                self.target, self.target_tokenizer, texts, phi, self.inner,
+                derive_seed(self.seed, "validation"),
+            )
+
+    # ---------------------------------------------------------------- precision
+
+    def _generator_precision(self):
+        """The generator computes under the trainer's precision (``trainer.precision:
+        bf16-mixed``: bf16 matmuls on fp32 master weights, optimizer state in fp32). Lightning
+        applies it inside training and validation steps; this applies it elsewhere too (the
+        validation before the first step), so every rollout is sampled the same way."""
+        if self._trainer is None:
+            return contextlib.nullcontext()
+        return self.trainer.precision_plugin.forward_context()
+
+    def _target_precision(self):
+        """The inner SFT and the metric ignore the trainer's precision: their precision is
+        ``inner.autocast`` alone (the metagradient is checked in full precision)."""
+        return torch.autocast(device_type=self.device.type, enabled=False)
 
     def evaluate(self, prompts: list[str]) -> dict[str, float]:
         """Phi after plain SFT of a fresh target copy on a fresh sample of the generator.
@@ -282,7 +301,7 @@ class DPGModule(L.LightningModule):
         """
         devices = [self.device] if self.device.type == "cuda" else []
         self.phases.phase("validation: rollout")
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), self._generator_precision():
             torch.manual_seed(derive_seed(self.seed, "validation"))
             rollout = sample_rollout(self.generator, self.gen_tokenizer, prompts, self.sampling)
         readout: dict[str, float] = {}
@@ -292,11 +311,12 @@ class DPGModule(L.LightningModule):
             readout.update(self.metric.readout(target))
             return value
 
-        phi = sft_on_texts(
-            self.target, self.target_tokenizer, rollout.texts, phi_and_readout, self.inner,
-            derive_seed(self.seed, "validation"),
-            lambda name, done, total: self.phases.phase(f"validation: {name}", done, total),
-        )
+        with self._target_precision():
+            phi = sft_on_texts(
+                self.target, self.target_tokenizer, rollout.texts, phi_and_readout, self.inner,
+                derive_seed(self.seed, "validation"),
+                lambda name, done, total: self.phases.phase(f"validation: {name}", done, total),
+            )
         return {
             "val/phi": float(phi),
             "val/phi_initial": self.phi_initial,
@@ -347,8 +367,18 @@ class DPGModule(L.LightningModule):
                 logger.log_metrics(metrics, step=0)
 
 
-def _warn_about_settings(sampling: SamplingConfig, policy: PolicyConfig) -> None:
-    """Settings that run but learn nothing (each config is valid on its own)."""
+def _warn_about_settings(
+    sampling: SamplingConfig, policy: PolicyConfig, generator: ModelConfig
+) -> None:
+    """Settings that run but learn little or nothing (each config is valid on its own)."""
+    if generator.dtype == "bfloat16":
+        warnings.warn(
+            "`model.generator.dtype: bfloat16` trains the generator's weights in bf16: an AdamW "
+            f"step of lr {policy.lr:g} rounds away on most of them (tests/test_precision.py). "
+            "Use `model.generator.dtype: float32` with `trainer.precision: bf16-mixed` (fp32 "
+            "master weights, bf16 compute)",
+            stacklevel=3,
+        )
     if policy.baseline == "group" and sampling.samples_per_prompt == 1:
         warnings.warn(
             "`policy.baseline: group` with `sampling.samples_per_prompt: 1` gives every example "

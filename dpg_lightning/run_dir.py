@@ -183,7 +183,6 @@ def resolve_run(config: Any) -> RunPlan:
             plan.ckpt_path = None
         else:
             plan.ckpt_path = str(path)
-            plan.notes.append(f"`--ckpt_path last`: resuming {path}")
         config["ckpt_path"] = plan.ckpt_path
     elif plan.ckpt_path and Path(plan.ckpt_path).is_file():
         why = unreadable(plan.ckpt_path)
@@ -194,6 +193,7 @@ def resolve_run(config: Any) -> RunPlan:
             )
     if plan.ckpt_path and Path(plan.ckpt_path).is_file():
         plan.step = checkpoint_step(plan.ckpt_path)
+        plan.notes.append(f"resuming {plan.ckpt_path} at step {plan.step}")
     version = run_dir = None
     if plan.step is not None and first is not None:
         # The version directory the checkpoint lies in; for one outside them (Slurm's

@@ -57,6 +57,12 @@ CASES = {
         "higher", True, 4, InnerOptimConfig(name="adamw", lr=0.01, eps_root=1e-12, weight_decay=0.1)
     ),
 }
+# Shared SFTs whose ranks split their examples of each step into micro-batches of one
+# (batches of 3 leave a last partial batch of 2): held to the unsplit single-process SFT.
+MICRO_CASES = {
+    "func_adam_micro": ("func", True, 4, CASES["func_adam"][3]),
+    "higher_adamw_micro": ("higher", True, 3, CASES["higher_adamw"][3]),
+}
 SEED = 3
 
 
@@ -110,9 +116,10 @@ def _local(data, rank: int, world: int):
     return type(data)(data.input_ids[sl], data.attention_mask[sl], data.labels[sl])
 
 
-def _inner(case: str) -> InnerConfig:
-    backend, shuffle, batch, optim = CASES[case]
-    return InnerConfig(optim=optim, batch_size=batch, backend=backend, shuffle=shuffle)
+def _inner(case: str, micro: int | None = None) -> InnerConfig:
+    backend, shuffle, batch, optim = {**CASES, **MICRO_CASES}[case]
+    return InnerConfig(optim=optim, batch_size=batch, backend=backend, shuffle=shuffle,
+                       micro_batch_size=micro)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -124,8 +131,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         info = world_info()
         local = _local(data, rank, world)
         results = {}
-        for case in CASES:
-            cfg = _inner(case)
+        for case in [*CASES, *MICRO_CASES]:
+            cfg = _inner(case, 1 if case in MICRO_CASES else None)
             plan = plan_sft(len(local), cfg.batch_size, cfg.shuffle, SEED, "shared", info)
             rewards, value, losses = metagradient_rewards(
                 target, local, phi, cfg, plan.order, grad_reduce=plan.grad_reduce
@@ -181,6 +188,21 @@ def test_shared_sft_rewards_match_single_process(two_rank_results, case):
         torch.testing.assert_close(got["rewards"], rewards, rtol=1e-6, atol=tiny)
         torch.testing.assert_close(got["phi"], value, rtol=1e-9, atol=0)
         torch.testing.assert_close(got["losses"], torch.stack(losses), rtol=1e-9, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(MICRO_CASES))
+def test_micro_batched_shared_sft_equals_the_unsplit_one(two_rank_results, case):
+    target, data, phi = _setup()
+    cfg = _inner(case)  # unsplit, one process
+    plan = plan_sft(N, cfg.batch_size, cfg.shuffle, SEED, "shared", WorldInfo())
+    rewards, value, losses = metagradient_rewards(target, data, phi, cfg, plan.order)
+    for rank in range(2):
+        got = two_rank_results[rank][case]
+        scale = float(rewards.abs().max())
+        assert float((got["rewards"] - rewards).abs().max()) <= 1e-10 * scale
+        assert abs(float(got["phi"] - value)) <= 1e-10 * abs(float(value))
+        assert float((got["losses"] - torch.stack(losses)).abs().max()) <= 1e-10
 
 
 @pytest.mark.slow

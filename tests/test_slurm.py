@@ -221,10 +221,11 @@ def _attempt(text: str, n: int) -> str:
 
 
 def _resumed_step(attempt: str) -> int:
-    resumed = re.search(r"resuming (\S+\.ckpt)", attempt)
+    """The step the attempt resumed at (the checkpoint file itself is overwritten later)."""
+    resumed = re.search(r"resuming \S+\.ckpt at step (\d+)", attempt)
     assert resumed, attempt[:2000]
     assert "Restoring states from the checkpoint path" in attempt, attempt[-3000:]
-    return _ckpt_step(Path(resumed.group(1)))
+    return int(resumed.group(1))
 
 
 def test_requeued_job_resumes_from_its_checkpoint(cluster, tmp_path):

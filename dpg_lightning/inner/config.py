@@ -64,6 +64,11 @@ class InnerConfig:
     Attributes:
         optim: inner optimizer (SGD / Adam / AdamW with ``eps_root``).
         batch_size: examples per inner step (``inner_batch_size``); steps = ceil(N / batch_size).
+        micro_batch_size: examples per forward/backward within a step (per rank): the step's
+            gradient is accumulated over micro-batches of at most this many examples, so
+            activation memory is set by the micro-batch, not the batch (``replay`` rebuilds
+            one micro-batch's graph at a time also in its reverse pass). ``None``: the whole
+            batch at once. The step (its loss, gradient and update) is the same either way.
         train_params: ``all``, ``lm_head`` (the output embedding; with tied weights that is the
             input embedding too), or a regex matched against ``named_parameters()`` names.
         backend: ``higher`` or ``func`` (same math, independent implementations, whole SFT on
@@ -88,6 +93,7 @@ class InnerConfig:
 
     optim: InnerOptimConfig = field(default_factory=InnerOptimConfig)
     batch_size: int = 8
+    micro_batch_size: int | None = None
     train_params: str = "all"
     backend: Literal["higher", "func", "replay"] = "higher"
     shuffle: bool = True
@@ -99,6 +105,8 @@ class InnerConfig:
     def __post_init__(self) -> None:
         key = "model.inner"
         check_int_at_least(f"{key}.batch_size", self.batch_size, 1)
+        if self.micro_batch_size is not None:
+            check_int_at_least(f"{key}.micro_batch_size", self.micro_batch_size, 1)
         check_int_at_least(
             f"{key}.max_length", self.max_length, 3,
             "a start token, at least one text token and the end token",

@@ -81,6 +81,8 @@ from dpg_lightning.inner.steps import (
     Progress,
     eps_dtype,
     functional_forward,
+    micro_batches,
+    step_gradient,
     step_loss,
     trainable_names,
 )
@@ -93,8 +95,8 @@ Phi = Callable[[nn.Module], Tensor]
 @dataclass(frozen=True)
 class _Replay:
     """What every step of one replay shares: the target and its trained parameters' names,
-    the synthetic set, the optimizer and which moment lists it uses, and ``ones`` (the virtual
-    example weights at 1, a template of their dtype and device)."""
+    the synthetic set, the optimizer and which moment lists it uses, ``ones`` (the virtual
+    example weights at 1, a template of their dtype and device) and the micro-batch size."""
 
     target: nn.Module
     data: TokenRows
@@ -102,6 +104,7 @@ class _Replay:
     optim: InnerOptimConfig
     slots: tuple[bool, bool]
     ones: Tensor
+    micro_batch_size: int | None = None
 
 
 class _Contract(torch.autograd.Function):
@@ -136,12 +139,12 @@ def _plain_step(
     step + 1.
     """
     leaves = [p.detach().requires_grad_() for p in params]
-    loss = step_loss(functional_forward(run.target, run.names, leaves), run.data, idx, run.ones)
-    grads = list(torch.autograd.grad(loss, leaves, allow_unused=True))
-    del leaves
+    forward = functional_forward(run.target, run.names, leaves)
+    grads, loss = step_gradient(forward, leaves, run.data, idx, run.ones, run.micro_batch_size)
+    del leaves, forward
     if wait is not None:
         wait()
-    return optimizer_step_([p.detach() for p in params], grads, state, run.optim), loss.detach()
+    return optimizer_step_([p.detach() for p in params], grads, state, run.optim), loss
 
 
 def _reverse_step(
@@ -178,9 +181,15 @@ def _reverse_step(
     n = len(params)
     p_in = [p.detach().requires_grad_() for p in params]
     eps = torch.ones_like(run.ones, requires_grad=True)
-    loss = step_loss(functional_forward(run.target, run.names, p_in), run.data, idx, eps)
-    grads = list(torch.autograd.grad(loss, p_in, create_graph=True, allow_unused=True))
-    del loss
+    forward = functional_forward(run.target, run.names, p_in)
+    chunks = micro_batches(idx, run.micro_batch_size)
+    if len(chunks) == 1:  # g with its graph; one backward through it at the end
+        loss = step_loss(forward, run.data, idx, eps)
+        grads = list(torch.autograd.grad(loss, p_in, create_graph=True, allow_unused=True))
+        del loss
+    else:  # g without a graph; each micro-batch's graph is rebuilt below
+        grads, _ = step_gradient(forward, p_in, run.data, idx, eps, run.micro_batch_size)
+    seeds: list[Tensor | None] = [None] * n  # dPhi/dg, for the micro-batches' backwards
     before: Carried = ([None] * n, [None] * n, [None] * n)
     direct: list[Fetch | None] = [None] * n  # the parameters' adjoint, but for the HVP
     total = None  # sum of <g, dPhi/dg>: the root of the Hessian-vector product
@@ -208,23 +217,45 @@ def _reverse_step(
             dm = None
             before[2][j] = None if dv is None else stash(dv)
         del dp, dm, dv
-        if g.requires_grad:
+        if len(chunks) > 1:
+            seeds[j] = dg
+        elif g.requires_grad:
             term = _Contract.apply(g, in_memory(dg))
             total = term if total is None else total + term
         del g, dg
     del adj_p, adj_m, adj_v, grads
-    hooks = [] if is_first_step else [
-        p.register_post_accumulate_grad_hook(partial(_finish, before[0], direct, j, stash))
-        for j, p in enumerate(p_in)
-    ]
-    if total is not None:
-        torch.autograd.backward(total, inputs=[eps] if is_first_step else p_in + [eps])
-    del total
-    for hook in hooks:
-        hook.remove()
-    for j, rest in enumerate(direct):  # parameters the Hessian-vector product did not reach
-        if rest is not None:
-            before[0][j] = stash(rest())
+    inputs = [eps] if is_first_step else p_in + [eps]
+    for k, chunk in enumerate(chunks):
+        last = k == len(chunks) - 1
+        if len(chunks) > 1:  # this micro-batch's share of the Hessian-vector product
+            loss = step_loss(forward, run.data, chunk, eps, "none", len(idx))
+            part = torch.autograd.grad(loss, p_in, create_graph=True, allow_unused=True)
+            del loss
+            total = None
+            for j, g in enumerate(part):
+                if g is not None and g.requires_grad and seeds[j] is not None:
+                    term = _Contract.apply(g, partial(seeds.__getitem__, j))
+                    total = term if total is None else total + term
+            del part, g
+            if last:
+                seeds = []
+        # Parameters' adjoints are final after the last micro-batch's backward only.
+        hooks = [] if is_first_step or not last else [
+            p.register_post_accumulate_grad_hook(partial(_finish, before[0], direct, j, stash))
+            for j, p in enumerate(p_in)
+        ]
+        if total is not None:
+            torch.autograd.backward(total, inputs=inputs)
+        del total
+        for hook in hooks:
+            hook.remove()
+    for j, leaf in enumerate(p_in):  # parameters the last backward did not reach
+        if is_first_step or before[0][j] is not None:
+            continue
+        rest, grad = direct[j], leaf.grad
+        if rest is not None or grad is not None:
+            before[0][j] = stash(grad if rest is None else (
+                rest() if grad is None else rest().add_(grad)))
     return before, eps.grad
 
 
@@ -263,7 +294,7 @@ def replay_rewards(
     saved = checkpoint_steps(rcfg, n_steps)
     names = trainable_names(target, cfg.train_params)
     ones = torch.ones(len(data), dtype=eps_dtype(target), device=data.input_ids.device)
-    run = _Replay(target, data, names, optim, slots, ones)
+    run = _Replay(target, data, names, optim, slots, ones, cfg.micro_batch_size)
 
     named = dict(target.named_parameters())
     work = [named[n] for n in names]  # updated in place; restored from state 0 at the end

@@ -69,17 +69,38 @@ def inner_order(n: int, batch_size: int, shuffle: bool, seed: int) -> list[Tenso
     return list(perm.split(batch_size))
 
 
-def step_loss(
-    forward: Forward, data: TokenRows, idx: Tensor, eps: Tensor, autocast: str = "none"
-) -> Tensor:
-    """This rank's part of a step loss; ``-1`` in ``idx`` marks other ranks' examples.
+def micro_batches(idx: Tensor, micro_batch_size: int | None) -> list[Tensor]:
+    """This rank's examples of one step (``idx``, ``-1`` for other ranks') in micro-batches.
 
-    The divisor is the global batch size ``len(idx)``, so summing the ranks' gradients gives
-    the gradient of the one global step loss. A rank holding none of the step's examples still
-    runs a zero-weighted stand-in example: its step gradient is then an exact zero that is
-    still connected to ``eps``, so every rank takes part in every collective, forward and
-    backward (autograd skips nodes that do not lead to ``eps``, which would deadlock).
+    One micro-batch (``idx`` itself) when they all fit, so an unsplit step computes exactly
+    what it always did; else chunks of at most ``micro_batch_size`` local examples, the last
+    one possibly smaller.
     """
+    local = idx[idx >= 0]
+    if micro_batch_size is None or len(local) <= micro_batch_size:
+        return [idx]
+    return list(local.split(micro_batch_size))
+
+
+def step_loss(
+    forward: Forward,
+    data: TokenRows,
+    idx: Tensor,
+    eps: Tensor,
+    autocast: str = "none",
+    divisor: int | None = None,
+) -> Tensor:
+    """This rank's part of a step loss (or of one micro-batch of it); ``-1`` in ``idx`` marks
+    other ranks' examples.
+
+    The divisor is the global batch size (``len(idx)``, or ``divisor`` for a micro-batch), so
+    summing the ranks' and the micro-batches' gradients gives the gradient of the one global
+    step loss. A rank holding none of the step's examples still runs a zero-weighted stand-in
+    example: its step gradient is then an exact zero that is still connected to ``eps``, so
+    every rank takes part in every collective, forward and backward (autograd skips nodes that
+    do not lead to ``eps``, which would deadlock).
+    """
+    divisor = len(idx) if divisor is None else divisor
     idx = idx.to(data.input_ids.device)
     local = idx[idx >= 0]
     weight = eps[local]
@@ -90,7 +111,42 @@ def step_loss(
     with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
         logits = forward(data.input_ids[local], data.attention_mask[local]).logits
     losses = per_example_loss(logits.to(eps.dtype), data.labels[local])
-    return (weight * losses).sum() / len(idx)
+    return (weight * losses).sum() / divisor
+
+
+def step_gradient(
+    forward: Forward,
+    params: list[Tensor],
+    data: TokenRows,
+    idx: Tensor,
+    eps: Tensor,
+    micro_batch_size: int | None = None,
+    create_graph: bool = False,
+    autocast: str = "none",
+    loss_fn: Callable[..., Tensor] | None = None,
+) -> tuple[list[Tensor | None], Tensor]:
+    """The step's gradient w.r.t. ``params``, accumulated over its micro-batches, and its loss.
+
+    Each micro-batch's graph is built, differentiated and (without ``create_graph``) freed
+    before the next, so a graph-free step needs the memory of one micro-batch, whatever the
+    batch. ``loss_fn`` (default :func:`step_loss`) computes one micro-batch's loss with the
+    same arguments (activation checkpointing wraps it).
+    """
+    loss_fn = step_loss if loss_fn is None else loss_fn
+    grads: list[Tensor | None] | None = None
+    total: Tensor | None = None
+    for chunk in micro_batches(idx, micro_batch_size):
+        loss = loss_fn(forward, data, chunk, eps, autocast, len(idx))
+        part = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+        grads = list(part) if grads is None else [_add(a, b) for a, b in zip(grads, part)]
+        total = loss.detach() if total is None else total + loss.detach()
+    return grads, total
+
+
+def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    if a is None or b is None:
+        return b if a is None else a
+    return a + b
 
 
 def functional_forward(target: nn.Module, names: list[str], params: list[Tensor]) -> Forward:

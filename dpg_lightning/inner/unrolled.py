@@ -22,7 +22,13 @@ from torch.utils.checkpoint import checkpoint
 from dpg_lightning.inner.config import InnerConfig
 from dpg_lightning.inner.higher_compat import patch_module_lists, register
 from dpg_lightning.inner.optim import init_state, optimizer_step
-from dpg_lightning.inner.steps import Progress, functional_forward, step_loss
+from dpg_lightning.inner.steps import (
+    Progress,
+    functional_forward,
+    micro_batches,
+    step_gradient,
+    step_loss,
+)
 from dpg_lightning.objectives import MetricOnTarget
 from dpg_lightning.tokenization import TokenRows
 
@@ -35,6 +41,13 @@ GradReduce = Callable[[list[Tensor | None]], list[Tensor | None]]
 
 def _detach(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach()
+
+
+def _checkpointed_loss(*args) -> Tensor:
+    """:func:`step_loss` with its activations recomputed in the backward. The step's
+    parameters reach the recompute through ``forward`` (the same tensors), not through the
+    module's own attributes, so the recomputed graph is the original."""
+    return checkpoint(step_loss, *args, use_reentrant=False)
 
 
 def func_sft(
@@ -56,16 +69,13 @@ def func_sft(
     losses = []
     for idx in order:
         forward = functional_forward(target, names, params)
-        if cfg.activation_checkpointing:
-            # The step's parameters reach the recompute through ``forward`` (the same tensors),
-            # not through the module's own attributes, so the recomputed graph is the original.
-            loss = checkpoint(step_loss, forward, data, idx, eps, cfg.autocast, use_reentrant=False)
-        else:
-            loss = step_loss(forward, data, idx, eps, cfg.autocast)
-        grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
+        grads, loss = step_gradient(
+            forward, params, data, idx, eps, cfg.micro_batch_size, create_graph, cfg.autocast,
+            _checkpointed_loss if cfg.activation_checkpointing else None,
+        )
         if grad_reduce is not None:
-            grads = grad_reduce(list(grads))
-        params, state = optimizer_step(params, list(grads), state, cfg.optim)
+            grads = grad_reduce(grads)
+        params, state = optimizer_step(params, grads, state, cfg.optim)
         if not create_graph:
             params = [p.detach().requires_grad_() for p in params]
             state.exp_avg = [_detach(t) for t in state.exp_avg]
@@ -105,10 +115,14 @@ def higher_sft(
         track_higher_grads=create_graph,
     )
     losses = []
+    forward = lambda ids, mask: fmodel(ids, attention_mask=mask)  # noqa: E731
     for idx in order:
-        loss = step_loss(
-            lambda ids, mask: fmodel(ids, attention_mask=mask), data, idx, eps, cfg.autocast
-        )
+        # higher differentiates one loss per step: the micro-batches' losses are summed
+        # (their forwards run one at a time; the graph of each is kept for the step's grad).
+        loss = None
+        for chunk in micro_batches(idx, cfg.micro_batch_size):
+            part = step_loss(forward, data, chunk, eps, cfg.autocast, len(idx))
+            loss = part if loss is None else loss + part
         diffopt.step(loss, grad_callback=grad_reduce)
         losses.append(loss.detach())
         if progress is not None:
