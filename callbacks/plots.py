@@ -20,7 +20,7 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from callbacks.files import drop_rows_from, run_dir, writes_files
-from dpg_lightning.patterns import decode_qr, load_bitmap
+from dpg_lightning.patterns import Orientation, decode_qr, lm_head_patch, load_bitmap
 from dpg_lightning.step_output import StepOutput
 
 
@@ -150,8 +150,11 @@ class LMHeadPatchImage(L.Callback):
     one plain inner SFT.
 
     Args:
-        row, col: top-left corner of the patch (vocabulary row, hidden column).
+        row, col: top-left corner of the patch (image row and column; see ``orientation``).
         height, width: patch size.
+        orientation: how the image lies in the head ``W[vocab, hidden]``: ``vocab_rows`` (image
+            rows are vocabulary rows) or ``hidden_rows`` (the paper's layout), as the pattern
+            objective's option (:func:`dpg_lightning.patterns.lm_head_patch`).
         target_image: the intended picture, ``height x width``: an array, a ``.npy`` path, or
             a pattern name of ``dpg_lightning.patterns`` (``67``, ``qr``, a ``.png`` path).
         qr_text: the text of ``target_image: qr``.
@@ -171,11 +174,13 @@ class LMHeadPatchImage(L.Callback):
         dirname: str = "lm_head_patch",
         decode_qr: bool = False,
         qr_text: str | None = None,
+        orientation: Orientation = "vocab_rows",
     ) -> None:
         super().__init__()
         if min(row, col) < 0 or min(height, width) < 1 or every_n_steps < 1:
             raise ValueError("need row, col >= 0, height, width >= 1 and every_n_steps >= 1")
         self.box = (row, col, height, width)
+        self.orientation = orientation
         self.target_image = load_image(target_image, qr_text)
         if self.target_image is not None and self.target_image.shape != (height, width):
             raise ValueError(
@@ -192,10 +197,11 @@ class LMHeadPatchImage(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         row, col, height, width = self.box
         shape = tuple(pl_module.target.get_output_embeddings().weight.shape)
-        if row + height > shape[0] or col + width > shape[1]:
+        rows, cols = shape if self.orientation == "vocab_rows" else shape[::-1]
+        if row + height > rows or col + width > cols:
             raise ValueError(
                 f"LM-head patch rows {row}:{row + height}, cols {col}:{col + width} does not fit "
-                f"the target's LM head of shape {shape}"
+                f"the target's LM head of shape {shape} (orientation {self.orientation})"
             )
         directory = run_dir(trainer) / self.dirname
         if writes_files(trainer, stage):
@@ -239,7 +245,8 @@ class LMHeadPatchImage(L.Callback):
 
         def capture(target: torch.nn.Module) -> torch.Tensor:
             weight = target.get_output_embeddings().weight
-            captured["patch"] = weight[row : row + height, col : col + width].detach().clone()
+            patch = lm_head_patch(weight, row, col, height, width, self.orientation)
+            captured["patch"] = patch.detach().clone()
             return weight.sum()  # any scalar: only the trained weights are wanted
 
         pl_module.sft_on_texts(texts, capture)
@@ -253,7 +260,7 @@ class LMHeadPatchImage(L.Callback):
         row, col, height, width = self.box
         patch = self.patch_after_sft(pl_module, texts)
         initial = pl_module.target.get_output_embeddings().weight
-        initial = initial[row : row + height, col : col + width].detach()
+        initial = lm_head_patch(initial, row, col, height, width, self.orientation).detach()
         sign = torch.sign(patch.float() - initial.float()).cpu().numpy().astype(np.int8)
         self.last_sign, self._rendered_step = sign, step
 

@@ -1,9 +1,11 @@
 """The Lightning data module: serves the prompt stream and remembers how far it has got.
 
-Validation uses a fixed slice of prompts so every validation compares the generator on the
-same prompts. The data module counts the training batches consumed and saves that count in the
-checkpoint (Lightning stores a datamodule's ``state_dict``); with the stream of
-:mod:`dpg_lightning.prompts` a pure function of the batch index, a resume continues exactly.
+Validation uses a fixed list of prompts so every validation compares the generator on the
+same prompts. Reading and checking the prompt sources is :mod:`dpg_lightning.prompts`' job (no
+Lightning there); this module is only the glue. It counts the training batches consumed and
+saves that count in the checkpoint (Lightning stores a datamodule's ``state_dict``); with the
+stream of :mod:`dpg_lightning.prompts` a pure function of the batch index, a resume continues
+exactly.
 """
 
 from __future__ import annotations
@@ -22,19 +24,46 @@ class PromptDataModule(L.LightningDataModule):
     """Serves prompt batches and remembers how far the training stream has got.
 
     Args:
-        prompt_file: text file, one prompt per line.
+        prompt_file: where the training prompts come from: a ``.txt`` file (one prompt per
+            line, a literal ``\\n`` is a newline), a ``.jsonl`` or ``.parquet`` file, or a
+            Hugging Face ``datasets`` hub name (``org/name``; needs hub access or its cache).
         num_prompts: prompts per training step and rank (each gets ``samples_per_prompt``
             completions).
-        val_num_prompts: prompts in the fixed validation set (the first lines of the file,
-            cycled if the file is shorter).
+        val_num_prompts: prompts in the fixed validation set (the first prompts of the
+            validation source, cycled if it is shorter).
         seed: seed of the training prompt order.
+        prompt_field: the JSONL field / parquet column / dataset column holding the prompt.
+        prompt_split: the split of a hub dataset (slices such as ``train[:10000]`` work).
+        prompt_config: the configuration (subset) of a hub dataset that has several, e.g.
+            ``20231101.en`` for ``wikimedia/wikipedia``.
+        prompt_template: wraps each prompt; ``{text}`` marks where it goes, e.g.
+            ``"Rephrase this article: {text}"``.
+        val_prompt_file: a separate validation source (same field, config and template);
+            ``None`` validates on the first prompts of ``prompt_file``.
+        val_prompt_split: the split of a hub ``val_prompt_file`` (``None``: ``prompt_split``).
     """
 
     def __init__(
-        self, prompt_file: str, num_prompts: int = 8, val_num_prompts: int = 16, seed: int = 0
+        self,
+        prompt_file: str,
+        num_prompts: int = 8,
+        val_num_prompts: int = 16,
+        seed: int = 0,
+        prompt_field: str = "text",
+        prompt_split: str = "train",
+        prompt_config: str | None = None,
+        prompt_template: str = "{text}",
+        val_prompt_file: str | None = None,
+        val_prompt_split: str | None = None,
     ) -> None:
         super().__init__()
-        self.prompts = load_prompts(prompt_file, num_prompts, val_num_prompts, seed)
+        sets = load_prompts(
+            prompt_file, num_prompts, val_num_prompts, seed, prompt_field=prompt_field,
+            prompt_split=prompt_split, prompt_config=prompt_config,
+            prompt_template=prompt_template, val_prompt_file=val_prompt_file,
+            val_prompt_split=val_prompt_split,
+        )
+        self.prompts, self.val_prompts = sets.train, sets.val
         self.num_prompts, self.val_num_prompts, self.seed = num_prompts, val_num_prompts, seed
         # Training batches handed to the model so far (counted in `on_before_batch_transfer`,
         # which runs once per batch actually trained on; the loader itself may prefetch).
@@ -50,8 +79,7 @@ class PromptDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None)
 
     def val_dataloader(self) -> DataLoader:
-        val = [self.prompts[i % len(self.prompts)] for i in range(self.val_num_prompts)]
-        return DataLoader([val], batch_size=None)
+        return DataLoader([self.val_prompts], batch_size=None)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count training batches as they reach the model (not validation batches)."""
@@ -78,7 +106,9 @@ class PromptDataModule(L.LightningDataModule):
         for key, mine in (("seed", self.seed), ("prompts_sha256", prompts_digest(self.prompts))):
             theirs = state_dict.get(key, mine)
             if theirs != mine:
-                what = "data.seed" if key == "seed" else "the prompts in data.prompt_file"
+                what = "data.seed" if key == "seed" else (
+                    "training prompts (data.prompt_file, prompt_field, prompt_template...)"
+                )
                 raise ConfigError(
                     f"the checkpoint comes from a run with different {what} ({theirs!r}, this "
                     f"run: {mine!r}), so it cannot be resumed exactly; resume with the config "

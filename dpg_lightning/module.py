@@ -29,14 +29,18 @@ from dpg_lightning.policy import PolicyConfig, policy_loss
 from dpg_lightning.pretrain import maybe_pretrain
 from dpg_lightning.progress import PhaseReporter, phase_progress_bar
 from dpg_lightning.rewards import DatasetReward, MetagradientReward
-from dpg_lightning.rollout import SamplingConfig, completion_logprobs, sample_rollout
+from dpg_lightning.rollout import (
+    SamplingConfig,
+    completion_logprobs,
+    sample_rollout,
+    uses_chat_template,
+)
 from dpg_lightning.run_dir import RememberWandbRun
 from dpg_lightning.seeds import derive_seed
 from dpg_lightning.shared_sft import all_gather_cat, plan_sft, world_info
 from dpg_lightning.shutdown import GracefulShutdown
 from dpg_lightning.slurm import SlurmRequeue, check_slurm_launch
 from dpg_lightning.step_output import StepOutput
-from dpg_lightning.tokenization import tokenize_examples
 
 
 class DPGModule(L.LightningModule):
@@ -95,6 +99,7 @@ class DPGModule(L.LightningModule):
         _warn_about_settings(self.sampling, self.policy, self.gen_cfg)
 
         self.gen_tokenizer = load_tokenizer(self.gen_cfg)
+        uses_chat_template(self.gen_tokenizer, self.sampling)  # a template it needs is there
         self.generator = build_model(self.gen_cfg, len(self.gen_tokenizer))
         maybe_pretrain(self.generator, self.gen_tokenizer, self.gen_cfg)
         self.target_tokenizer = load_tokenizer(self.target_cfg)
@@ -157,7 +162,7 @@ class DPGModule(L.LightningModule):
         self.phases.phase("rollout")
         with _timed(times, "rollout"):
             rollout = sample_rollout(self.generator, self.gen_tokenizer, batch, self.sampling)
-        data = tokenize_examples(rollout.texts, self.target_tokenizer, self.inner.max_length)
+        data = self.inner.tokenize(rollout.texts, self.target_tokenizer)
         data = data.to(self.device)
         world = world_info()
         plan = plan_sft(
@@ -231,8 +236,10 @@ class DPGModule(L.LightningModule):
     def _update_policy(self, rollout, advantages: Tensor) -> dict[str, Tensor]:
         p, temp = self.policy, self.sampling.temperature
         with torch.no_grad():
-            old = completion_logprobs(self.generator, rollout, temp)
-            ref = completion_logprobs(self.reference, rollout, temp) if self.reference else None
+            chunk = self.sampling.generation_batch_size
+            old = completion_logprobs(self.generator, rollout, temp, batch_size=chunk)
+            ref = (completion_logprobs(self.reference, rollout, temp, batch_size=chunk)
+                   if self.reference else None)
         opt = self.optimizers()
         n = len(rollout.texts)
         stats: dict[str, list[Tensor]] = {"policy_loss": [], "clip_frac": [], "kl": []}

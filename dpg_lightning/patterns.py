@@ -9,6 +9,11 @@ entry to move up (+1, ink) or down (-1, background):
 so Phi rises as every entry moves in its pixel's direction, and saturates once ``|D| >> 1/k``.
 The readout is pixel accuracy ``mean(sign(D) == S)`` (0.5 is chance).
 
+The paper's code draws differently, and both of its choices are options (``orientation:
+hidden_rows``, ``ink_sign: -1``; its "67" and QR arrays are ``67_official`` and
+``qr_official``): its head is a kernel ``[hidden, vocab]``, so image rows are hidden units and
+columns vocabulary ids, and the ink's weights must *decrease*.
+
 Tied embeddings (GPT-2, the tiny default): the LM head *is* the input embedding, so patch rows
 ``r0..r0+h`` are also the input vectors of tokens ``r0..r0+h``. The gradient path exists either
 way: every head row gets gradient through the softmax (``p_v * h``) at every position, and rows
@@ -23,6 +28,7 @@ the printable tokens ``! " # $ ...``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import segno
@@ -32,6 +38,7 @@ import zxingcpp
 from PIL import Image
 from torch import Tensor, nn
 
+from dpg_lightning.errors import check_choice, check_positive, require
 from dpg_lightning.objectives import Objective, lm_head_weight
 
 #: The digits "67" as a 6 x 7 bitmap (rows x columns; 1 = ink), two 3-wide glyphs and a gap.
@@ -66,16 +73,35 @@ def qr_bitmap(text: str) -> np.ndarray:
     return np.array(code.matrix, dtype=np.int8)
 
 
+#: Images of the paper's public experiment configs, shipped as data files (``assets/``).
+OFFICIAL_IMAGES = {"67_official": "sixty_seven_official.txt", "qr_official": "qr_official.txt"}
+#: The text the official QR code encodes.
+OFFICIAL_QR_TEXT = "bit.ly/3Ka4jDS"
+ASSETS = Path(__file__).parent / "assets"
+Orientation = Literal["vocab_rows", "hidden_rows"]
+
+
+def official_image(name: str) -> np.ndarray:
+    """An official image as its values: ``-1`` = ink, ``+1`` = background, rows top down."""
+    lines = (ASSETS / OFFICIAL_IMAGES[name]).read_text().splitlines()
+    return np.array([[int(v) for v in line.split()] for line in lines
+                     if line.strip() and not line.startswith("#")], dtype=np.int8)
+
+
 def load_bitmap(image: str, qr_text: str | None = None) -> np.ndarray:
     """The binary image ``[h, w]`` (values 0/1, 1 = ink) named by ``image``.
 
-    ``image`` is ``67`` (built in), ``qr`` (the QR code of ``qr_text``), or a ``.npy`` file of
-    0/1 or -1/+1 values or a ``.png`` file of black/white pixels (black = ink = +1).
+    ``image`` is ``67`` (the project's glyph), ``qr`` (the QR code of ``qr_text``),
+    ``67_official`` / ``qr_official`` (the paper's arrays, :data:`OFFICIAL_IMAGES`), or a
+    ``.npy`` file of 0/1 or -1/+1 values or a ``.png`` file of black/white pixels (black =
+    ink = +1).
     """
     if image == "67":
         return SIXTY_SEVEN.copy()
     if image == "qr":
         return qr_bitmap(qr_text if qr_text is not None else "")
+    if image in OFFICIAL_IMAGES:
+        return (official_image(image) == -1).astype(np.int8)
     path = Path(image)
     if not path.is_file():
         raise FileNotFoundError(
@@ -103,14 +129,36 @@ def load_bitmap(image: str, qr_text: str | None = None) -> np.ndarray:
     raise ValueError(f"`metric.init_args.image: {image}`: only .png and .npy files are read")
 
 
+def lm_head_patch(
+    weight: Tensor, row: int, col: int, height: int, width: int, orientation: Orientation
+) -> Tensor:
+    """The ``height x width`` patch of an LM head ``weight [vocab, hidden]`` an image lives in.
+
+    ``vocab_rows`` (this project's default): image row r is vocabulary row ``row + r``, column c
+    is hidden unit ``col + c``. ``hidden_rows`` (the paper's code, whose head is a kernel
+    ``[hidden, vocab]`` patched at ``kernel[row:row+h, col:col+w]``): image row r is hidden unit
+    ``row + r`` and column c is vocabulary id ``col + c``.
+    """
+    if orientation == "hidden_rows":
+        return weight[col : col + width, row : row + height].transpose(0, 1)
+    return weight[row : row + height, col : col + width]
+
+
 class LMHeadPattern(Objective):
     """``Phi = -mean(softplus(-k * S * (P - P_initial)))`` on an LM-head patch (see module doc).
 
     Args:
-        image: ``67``, ``qr`` or a .png/.npy path (see :func:`load_bitmap`).
-        qr_text: the string encoded when ``image: qr``.
-        row_offset, col_offset: upper-left corner ``(r0, c0)`` of the patch in ``W[vocab, hidden]``.
+        image: ``67``, ``qr``, ``67_official``, ``qr_official`` or a .png/.npy path (see
+            :func:`load_bitmap`).
+        qr_text: the string encoded when ``image: qr`` (``qr_official`` encodes its own).
+        row_offset, col_offset: upper-left corner ``(r0, c0)`` of the image in the head (image
+            rows and columns; see ``orientation``).
         sharpness: ``k``; larger makes Phi closer to a step function of each pixel's sign.
+        orientation: ``vocab_rows`` (image rows are vocabulary rows of ``W[vocab, hidden]``)
+            or ``hidden_rows`` (the paper's: image rows are hidden units, columns vocabulary
+            ids); see :func:`lm_head_patch`.
+        ink_sign: the direction the ink's weights move: ``+1`` (this project's default: up) or
+            ``-1`` (the paper's: the ink's weights decrease); the background moves the other way.
     """
 
     def __init__(
@@ -120,15 +168,23 @@ class LMHeadPattern(Objective):
         row_offset: int = 0,
         col_offset: int = 0,
         sharpness: float = 20.0,
+        orientation: Orientation = "vocab_rows",
+        ink_sign: Literal[1, -1] = 1,
     ) -> None:
-        if row_offset < 0 or col_offset < 0:
-            raise ValueError(f"patch offsets must be >= 0, got ({row_offset}, {col_offset})")
-        if sharpness <= 0:
-            raise ValueError(f"`sharpness` is {sharpness}; it must be > 0")
+        key = "model.metric.init_args"
+        require(row_offset >= 0 and col_offset >= 0,
+                f"`{key}.row_offset/col_offset` are ({row_offset}, {col_offset}); use >= 0")
+        check_positive(f"{key}.sharpness", sharpness)
+        check_choice(f"{key}.orientation", orientation, ("vocab_rows", "hidden_rows"))
+        check_choice(f"{key}.ink_sign", ink_sign, (1, -1))
+        if image == "qr_official":
+            qr_text = OFFICIAL_QR_TEXT
         self.image, self.qr_text = image, qr_text
         self.bitmap = load_bitmap(image, qr_text)
         self.r0, self.c0, self.k = row_offset, col_offset, float(sharpness)
-        self.signs = torch.from_numpy(self.bitmap.astype(np.float32) * 2 - 1)  # {-1, +1}
+        self.orientation, self.ink_sign = orientation, ink_sign
+        ink = torch.from_numpy(self.bitmap.astype(np.float32))
+        self.signs = ink_sign * (2 * ink - 1)  # the direction each entry should move
         self.initial: Tensor | None = None
 
     @property
@@ -138,18 +194,19 @@ class LMHeadPattern(Objective):
     def patch(self, target: nn.Module) -> Tensor:
         """``P``: the patch of the (possibly patched/functional) target's current LM head."""
         h, w = self.shape
-        return lm_head_weight(target)[self.r0 : self.r0 + h, self.c0 : self.c0 + w]
+        return lm_head_patch(lm_head_weight(target), self.r0, self.c0, h, w, self.orientation)
 
     def setup(self, target: nn.Module) -> None:
         """Check that the image fits and remember ``P_initial`` (a detached copy)."""
         weight = lm_head_weight(target)
         vocab, hidden = weight.shape
+        rows, cols = (vocab, hidden) if self.orientation == "vocab_rows" else (hidden, vocab)
         h, w = self.shape
-        if self.r0 + h > vocab or self.c0 + w > hidden:
+        if self.r0 + h > rows or self.c0 + w > cols:
             raise ValueError(
                 f"the {h} x {w} image at offset ({self.r0}, {self.c0}) does not fit in the LM head "
-                f"[vocab {vocab}, hidden {hidden}]: it needs rows up to {self.r0 + h} and columns "
-                f"up to {self.c0 + w}; lower the offsets or use a larger target"
+                f"[vocab {vocab}, hidden {hidden}] (orientation {self.orientation}: {rows} image "
+                f"rows, {cols} columns); lower the offsets or use a larger target"
             )
         self.initial = self.patch(target).detach().clone()
 
@@ -169,8 +226,8 @@ class LMHeadPattern(Objective):
         return -F.softplus(-self.k * s * d).mean()
 
     def pixels(self, target: nn.Module) -> np.ndarray:
-        """The drawn image: 1 where ``D > 0`` (ink), 0 elsewhere."""
-        return (self.delta(target).detach() > 0).to(torch.int8).cpu().numpy()
+        """The drawn image: 1 where the entry moved the ink's way (``ink_sign * D > 0``)."""
+        return (self.ink_sign * self.delta(target).detach() > 0).to(torch.int8).cpu().numpy()
 
     def readout(self, target: nn.Module) -> dict[str, float]:
         d = self.delta(target).detach()
@@ -179,7 +236,7 @@ class LMHeadPattern(Objective):
             "pixel_accuracy": float((torch.sign(d) == s.to(d.dtype)).float().mean()),
             "patch_delta_abs": float(d.abs().mean()),
         }
-        if self.image == "qr":
+        if self.image in ("qr", "qr_official"):
             decoded = decode_qr(self.pixels(target) == 1)
             out["qr_decodes"] = float(decoded is not None and decoded == self.qr_text)
         return out

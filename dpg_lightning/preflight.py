@@ -18,7 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from dpg_lightning.errors import ConfigError
-from dpg_lightning.prompts import load_prompts
+from dpg_lightning.prompts import load_prompts, source_kind
 
 #: Files that make a directory a transformers model / tokenizer directory.
 _MODEL_FILES = ("config.json",)
@@ -188,5 +188,16 @@ def check_run(config: dict) -> None:
     check_ckpt_path(config.get("ckpt_path"))
     data = config.get("data") or {}
     if data:
+        # An unreachable hub is said at once, not after datasets' half a minute of retries;
+        # then every data setting is checked by loading the prompts.
+        for key in ("prompt_file", "val_prompt_file"):
+            source = data.get(key)
+            if (isinstance(source, str) and source_kind(source, f"data.{key}") == "hub"
+                    and not hub_offline() and not hub_reachable()):
+                raise ConfigError(
+                    f"`data.{key}: {source}` is a hub dataset, but the hub cannot be reached "
+                    "from this machine; set HF_HUB_OFFLINE=1 to load it from the local cache, "
+                    "or point the key at a local .txt, .jsonl or .parquet file"
+                )
         load_prompts(**data)
     check_inner_batch(model, data, trainer)

@@ -29,8 +29,8 @@ from dpg_lightning.errors import ConfigError, RunError
 from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.module import DPGModule
 from dpg_lightning.preflight import check_ckpt_path, check_model_source
-from dpg_lightning.prompts import read_prompts
-from dpg_lightning.rollout import SamplingConfig, sample_rollout
+from dpg_lightning.prompts import load_prompts
+from dpg_lightning.rollout import SamplingConfig, sample_rollout, uses_chat_template
 from dpg_lightning.run_dir import unreadable
 
 
@@ -148,11 +148,15 @@ def sample_main(argv: list[str] | None = None) -> Path:
     cfg = _parse(parser, argv)
     device = _device(cfg.device)
     model, tokenizer = load_generator(cfg)
-    prompts = read_prompts(cfg.data.prompt_file)
+    # The training prompts exactly as training saw them (source, field, template); the chat
+    # template is applied inside sample_rollout, as in training.
+    prompts = load_prompts(**cfg.data.as_dict()).train
+    sampling = _sampling(cfg)
+    uses_chat_template(tokenizer, sampling)  # a chat setting this tokenizer cannot honour
     torch.manual_seed(cfg.seed)
     output = Path(cfg.output)
     n = sample_dataset(
-        model.to(device), tokenizer, prompts, _sampling(cfg), cfg.num_examples,
+        model.to(device), tokenizer, prompts, sampling, cfg.num_examples,
         cfg.prompts_per_batch or cfg.data.num_prompts, output,
     )
     print(f"wrote {n} examples to {output}", flush=True)

@@ -8,6 +8,10 @@ trains on it and to an objective that measures it (a UUID's likelihood, a passag
 ``labels`` are -100 everywhere but on the scored tokens: ``text`` and the closing ``<eos>``. An
 SFT example has an empty context, so every token of it is scored; the start token gives the
 first text token a context.
+
+The paper's code forms SFT examples differently, and both differences are options: no start
+token for GPT-2 (the first text token is then context only), and the end token not a target
+(its pad token is eos, so the loss mask drops it).
 """
 
 from __future__ import annotations
@@ -58,12 +62,24 @@ def pad_rows(rows: list[list[int]], scored: list[int], pad_id: int) -> TokenRows
     return TokenRows(ids, mask, labels)
 
 
-def tokenize_examples(texts: list[str], tokenizer, max_length: int) -> TokenRows:
-    """SFT examples ``<start> text <eos>``, each text cut to fit ``max_length`` tokens."""
+def tokenize_examples(
+    texts: list[str],
+    tokenizer,
+    max_length: int,
+    start_token: bool = True,
+    end_token_target: bool = True,
+) -> TokenRows:
+    """SFT examples ``<start> text <eos>``, each cut to fit ``max_length`` tokens.
+
+    ``start_token=False`` drops ``<start>`` (the first text token is then context only);
+    ``end_token_target=False`` keeps ``<eos>`` in the row but not among the scored tokens.
+    """
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    start, end = start_token_id(tokenizer), tokenizer.eos_token_id
-    rows = [[start, *row[: max_length - 2], end] for row in ids]
-    return pad_rows(rows, [len(r) - 1 for r in rows], tokenizer.pad_token_id)
+    start = [start_token_id(tokenizer)] if start_token else []
+    rows = [[*start, *row[: max_length - 1 - len(start)], tokenizer.eos_token_id] for row in ids]
+    # the first token of a row is never predicted; the last (eos) only when it is a target
+    scored = [len(r) - 1 - (0 if end_token_target else 1) for r in rows]
+    return pad_rows(rows, scored, tokenizer.pad_token_id)
 
 
 def tokenize_scored(

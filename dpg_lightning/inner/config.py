@@ -16,6 +16,8 @@ from dpg_lightning.errors import (
     require,
 )
 from dpg_lightning.inner.optim import InnerOptimConfig
+from dpg_lightning.inner.steps import LossRule
+from dpg_lightning.tokenization import TokenRows, tokenize_examples
 
 BACKENDS = ("higher", "func", "replay")
 
@@ -89,6 +91,17 @@ class InnerConfig:
             backend only. Exact, but with the whole SFT on the tape the double backward keeps
             each step's recomputed activations alive, so it saves little (``benchmarks/``);
             ``replay`` bounds memory.
+        loss_normalization: an example's loss is its ``token_mean`` cross-entropy (default),
+            or its summed cross-entropy over ``max_length`` (the paper's: longer examples
+            weigh more, and the loss scale no longer depends on the example's length).
+        micro_batch_reduction: a step's loss is the ``mean`` over its examples (default), or
+            the paper's ``sum_of_means`` over its micro-batches: the mean times
+            ``ceil(batch_size / micro_batch_size)`` (8x for 128 x 8), which scales SGD's
+            effective learning rate and moves Adam's ``eps`` regime.
+        start_token: examples start with the tokenizer's bos (else eos) token, so their first
+            text token is predicted (default); the paper's GPT-2 examples have none.
+        end_token_target: the closing eos is a training target (default); the paper's is not
+            (its pad token is eos, and the loss mask drops it).
     """
 
     optim: InnerOptimConfig = field(default_factory=InnerOptimConfig)
@@ -101,6 +114,25 @@ class InnerConfig:
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     autocast: Literal["none", "bf16"] = "none"
     activation_checkpointing: bool = False
+    loss_normalization: Literal["token_mean", "max_length"] = "token_mean"
+    micro_batch_reduction: Literal["mean", "sum_of_means"] = "mean"
+    start_token: bool = True
+    end_token_target: bool = True
+
+    def tokenize(self, texts: list[str], tokenizer) -> TokenRows:
+        """SFT examples of ``texts`` in this config's format (length, start and end token)."""
+        return tokenize_examples(
+            texts, tokenizer, self.max_length, self.start_token, self.end_token_target
+        )
+
+    def loss_rule(self) -> LossRule:
+        """How a step's loss is formed, for the step functions."""
+        return LossRule(
+            micro_batch_size=self.micro_batch_size,
+            per_token_of=self.max_length if self.loss_normalization == "max_length" else None,
+            sum_micro_means=self.micro_batch_reduction == "sum_of_means",
+            autocast=self.autocast,
+        )
 
     def __post_init__(self) -> None:
         key = "model.inner"
@@ -115,6 +147,10 @@ class InnerConfig:
             check_regex(f"{key}.train_params", self.train_params)
         check_choice(f"{key}.backend", self.backend, BACKENDS)
         check_choice(f"{key}.autocast", self.autocast, ("none", "bf16"))
+        check_choice(f"{key}.loss_normalization", self.loss_normalization,
+                     ("token_mean", "max_length"))
+        check_choice(f"{key}.micro_batch_reduction", self.micro_batch_reduction,
+                     ("mean", "sum_of_means"))
         require(
             not self.activation_checkpointing or self.backend == "func",
             f"`{key}.activation_checkpointing: true` is implemented for `{key}.backend: func` "

@@ -78,6 +78,7 @@ from dpg_lightning.inner.replay_storage import (
     pack_state,
 )
 from dpg_lightning.inner.steps import (
+    LossRule,
     Progress,
     eps_dtype,
     functional_forward,
@@ -96,7 +97,8 @@ Phi = Callable[[nn.Module], Tensor]
 class _Replay:
     """What every step of one replay shares: the target and its trained parameters' names,
     the synthetic set, the optimizer and which moment lists it uses, ``ones`` (the virtual
-    example weights at 1, a template of their dtype and device) and the micro-batch size."""
+    example weights at 1, a template of their dtype and device) and how a step's loss is
+    formed (micro-batches, normalisation)."""
 
     target: nn.Module
     data: TokenRows
@@ -104,7 +106,7 @@ class _Replay:
     optim: InnerOptimConfig
     slots: tuple[bool, bool]
     ones: Tensor
-    micro_batch_size: int | None = None
+    rule: LossRule
 
 
 class _Contract(torch.autograd.Function):
@@ -140,7 +142,7 @@ def _plain_step(
     """
     leaves = [p.detach().requires_grad_() for p in params]
     forward = functional_forward(run.target, run.names, leaves)
-    grads, loss = step_gradient(forward, leaves, run.data, idx, run.ones, run.micro_batch_size)
+    grads, loss = step_gradient(forward, leaves, run.data, idx, run.ones, run.rule)
     del leaves, forward
     if wait is not None:
         wait()
@@ -182,13 +184,14 @@ def _reverse_step(
     p_in = [p.detach().requires_grad_() for p in params]
     eps = torch.ones_like(run.ones, requires_grad=True)
     forward = functional_forward(run.target, run.names, p_in)
-    chunks = micro_batches(idx, run.micro_batch_size)
+    chunks = micro_batches(idx, run.rule.micro_batch_size)
+    divisor = run.rule.divisor(idx)
     if len(chunks) == 1:  # g with its graph; one backward through it at the end
-        loss = step_loss(forward, run.data, idx, eps)
+        loss = step_loss(forward, run.data, idx, eps, run.rule, divisor)
         grads = list(torch.autograd.grad(loss, p_in, create_graph=True, allow_unused=True))
         del loss
     else:  # g without a graph; each micro-batch's graph is rebuilt below
-        grads, _ = step_gradient(forward, p_in, run.data, idx, eps, run.micro_batch_size)
+        grads, _ = step_gradient(forward, p_in, run.data, idx, eps, run.rule)
     seeds: list[Tensor | None] = [None] * n  # dPhi/dg, for the micro-batches' backwards
     before: Carried = ([None] * n, [None] * n, [None] * n)
     direct: list[Fetch | None] = [None] * n  # the parameters' adjoint, but for the HVP
@@ -228,7 +231,7 @@ def _reverse_step(
     for k, chunk in enumerate(chunks):
         last = k == len(chunks) - 1
         if len(chunks) > 1:  # this micro-batch's share of the Hessian-vector product
-            loss = step_loss(forward, run.data, chunk, eps, "none", len(idx))
+            loss = step_loss(forward, run.data, chunk, eps, run.rule, divisor)
             part = torch.autograd.grad(loss, p_in, create_graph=True, allow_unused=True)
             del loss
             total = None
@@ -294,7 +297,7 @@ def replay_rewards(
     saved = checkpoint_steps(rcfg, n_steps)
     names = trainable_names(target, cfg.train_params)
     ones = torch.ones(len(data), dtype=eps_dtype(target), device=data.input_ids.device)
-    run = _Replay(target, data, names, optim, slots, ones, cfg.micro_batch_size)
+    run = _Replay(target, data, names, optim, slots, ones, cfg.loss_rule())
 
     named = dict(target.named_parameters())
     work = [named[n] for n in names]  # updated in place; restored from state 0 at the end

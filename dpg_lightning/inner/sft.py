@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from dpg_lightning.inner.config import InnerConfig
 from dpg_lightning.inner.steps import Progress, inner_order, trainable_names
 from dpg_lightning.inner.unrolled import GradReduce, Phi, func_sft, higher_sft
-from dpg_lightning.tokenization import TokenRows, tokenize_examples
+from dpg_lightning.tokenization import TokenRows
 
 
 def run_sft(
@@ -62,7 +62,7 @@ def sft_on_texts(
     out (validation readouts, the LM-head patch a callback draws).
     """
     device = next(target.parameters()).device
-    data = tokenize_examples(texts, tokenizer, cfg.max_length).to(device)
+    data = cfg.tokenize(texts, tokenizer).to(device)
     order = inner_order(len(data), min(cfg.batch_size, len(data)), cfg.shuffle, seed)
     eps = torch.ones(len(data), device=device)
     value, _ = run_sft(target, data, eps, phi, cfg, order, False, progress=progress)

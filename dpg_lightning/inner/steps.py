@@ -12,8 +12,10 @@ Shared SFT across ranks: ``order`` holds the rank's *local* indices of every glo
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +31,16 @@ Forward = Callable[[Tensor, Tensor], object]
 Progress = Callable[[str, int, int], None]
 
 
-def per_example_loss(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of each row over its scored tokens, shape ``[B]``."""
+def per_example_loss(logits: Tensor, labels: Tensor, per_token_of: int | None = None) -> Tensor:
+    """Next-token cross-entropy of each row over its scored tokens, shape ``[B]``: their mean,
+    or with ``per_token_of = L`` their sum divided by ``L`` (the paper's ``sum / max_length``,
+    under which longer examples weigh more)."""
     targets = labels[:, 1:]
     tok = F.cross_entropy(
         logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="none"
     )
+    if per_token_of is not None:
+        return tok.sum(1) / per_token_of
     count = (targets != -100).sum(1).clamp(min=1)
     return tok.sum(1) / count
 
@@ -69,6 +75,33 @@ def inner_order(n: int, batch_size: int, shuffle: bool, seed: int) -> list[Tenso
     return list(perm.split(batch_size))
 
 
+@dataclass(frozen=True)
+class LossRule:
+    """How a step's loss is formed from its examples' losses (``InnerConfig``'s choices).
+
+    Attributes:
+        micro_batch_size: local examples per forward/backward (``None``: all at once).
+        per_token_of: ``None``: an example's loss is its mean token loss; ``L``: its summed
+            token loss over ``L`` (``inner.loss_normalization: max_length``, the paper's).
+        sum_micro_means: the step's loss is the sum of its micro-batches' mean losses (the
+            paper's gradient accumulation), i.e. the batch mean times the number of
+            micro-batches ``ceil(batch / micro_batch_size)``; else the batch mean.
+        autocast: ``inner.autocast``.
+    """
+
+    micro_batch_size: int | None = None
+    per_token_of: int | None = None
+    sum_micro_means: bool = False
+    autocast: str = "none"
+
+    def divisor(self, idx: Tensor) -> float:
+        """What the step's summed, eps-weighted example losses are divided by."""
+        batch = len(idx)
+        if self.sum_micro_means and self.micro_batch_size is not None:
+            return batch / math.ceil(batch / self.micro_batch_size)
+        return batch
+
+
 def micro_batches(idx: Tensor, micro_batch_size: int | None) -> list[Tensor]:
     """This rank's examples of one step (``idx``, ``-1`` for other ranks') in micro-batches.
 
@@ -87,8 +120,8 @@ def step_loss(
     data: TokenRows,
     idx: Tensor,
     eps: Tensor,
-    autocast: str = "none",
-    divisor: int | None = None,
+    rule: LossRule = LossRule(),
+    divisor: float | None = None,
 ) -> Tensor:
     """This rank's part of a step loss (or of one micro-batch of it); ``-1`` in ``idx`` marks
     other ranks' examples.
@@ -100,17 +133,17 @@ def step_loss(
     every rank takes part in every collective, forward and backward (autograd skips nodes that
     do not lead to ``eps``, which would deadlock).
     """
-    divisor = len(idx) if divisor is None else divisor
+    divisor = rule.divisor(idx) if divisor is None else divisor
     idx = idx.to(data.input_ids.device)
     local = idx[idx >= 0]
     weight = eps[local]
     if len(local) == 0:
         local, weight = idx.new_zeros(1), eps[:1] * 0
     device_type = data.input_ids.device.type
-    bf16 = autocast == "bf16"
+    bf16 = rule.autocast == "bf16"
     with torch.autocast(device_type=device_type, dtype=torch.bfloat16, enabled=bf16):
         logits = forward(data.input_ids[local], data.attention_mask[local]).logits
-    losses = per_example_loss(logits.to(eps.dtype), data.labels[local])
+    losses = per_example_loss(logits.to(eps.dtype), data.labels[local], rule.per_token_of)
     return (weight * losses).sum() / divisor
 
 
@@ -120,9 +153,8 @@ def step_gradient(
     data: TokenRows,
     idx: Tensor,
     eps: Tensor,
-    micro_batch_size: int | None = None,
+    rule: LossRule = LossRule(),
     create_graph: bool = False,
-    autocast: str = "none",
     loss_fn: Callable[..., Tensor] | None = None,
 ) -> tuple[list[Tensor | None], Tensor]:
     """The step's gradient w.r.t. ``params``, accumulated over its micro-batches, and its loss.
@@ -135,8 +167,9 @@ def step_gradient(
     loss_fn = step_loss if loss_fn is None else loss_fn
     grads: list[Tensor | None] | None = None
     total: Tensor | None = None
-    for chunk in micro_batches(idx, micro_batch_size):
-        loss = loss_fn(forward, data, chunk, eps, autocast, len(idx))
+    divisor = rule.divisor(idx)
+    for chunk in micro_batches(idx, rule.micro_batch_size):
+        loss = loss_fn(forward, data, chunk, eps, rule, divisor)
         part = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
         grads = list(part) if grads is None else [_add(a, b) for a, b in zip(grads, part)]
         total = loss.detach() if total is None else total + loss.detach()

@@ -70,7 +70,7 @@ def func_sft(
     for idx in order:
         forward = functional_forward(target, names, params)
         grads, loss = step_gradient(
-            forward, params, data, idx, eps, cfg.micro_batch_size, create_graph, cfg.autocast,
+            forward, params, data, idx, eps, cfg.loss_rule(), create_graph,
             _checkpointed_loss if cfg.activation_checkpointing else None,
         )
         if grad_reduce is not None:
@@ -116,12 +116,13 @@ def higher_sft(
     )
     losses = []
     forward = lambda ids, mask: fmodel(ids, attention_mask=mask)  # noqa: E731
+    rule = cfg.loss_rule()
     for idx in order:
         # higher differentiates one loss per step: the micro-batches' losses are summed
         # (their forwards run one at a time; the graph of each is kept for the step's grad).
-        loss = None
-        for chunk in micro_batches(idx, cfg.micro_batch_size):
-            part = step_loss(forward, data, chunk, eps, cfg.autocast, len(idx))
+        loss, divisor = None, rule.divisor(idx)
+        for chunk in micro_batches(idx, rule.micro_batch_size):
+            part = step_loss(forward, data, chunk, eps, rule, divisor)
             loss = part if loss is None else loss + part
         diffopt.step(loss, grad_callback=grad_reduce)
         losses.append(loss.detach())
