@@ -39,6 +39,7 @@ COMMANDS = {
     "validate": "validation Phi of a generator: validate --config ... --ckpt_path ...",
     "sample": "write a synthetic dataset (JSONL) from a trained generator",
     "export": "save a trained generator with save_pretrained (for transformers)",
+    "plan": "memory, storage and time of one DPG step of a config, without a model or GPU",
 }
 
 
@@ -180,4 +181,8 @@ def main(args: list[str] | None = None) -> Any:
         from dpg_lightning import sample
 
         return exit_on_run_error(lambda: getattr(sample, f"{command}_main")(argv[1:]))
+    if command == "plan":
+        from dpg_lightning import plan
+
+        return exit_on_run_error(lambda: plan.main(argv[1:]))
     return lightning_main(argv if args is not None else None)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpg_lightning.objectives import Objective
-from dpg_lightning.textfiles import read_lines
+from dpg_lightning.text_sources import read_lines
 from dpg_lightning.tokenization import TokenRows, encode, start_token_id, tokenize_scored
 
 #: The UUID of the tiny and paper configs (random, fixed so runs are comparable).

@@ -52,7 +52,9 @@ class ModelConfig:
         arch: ``gpt2`` (tied LM head) or ``llama`` (untied head by default) for built models.
         hidden_size, num_layers, num_heads, intermediate_size, max_position_embeddings: shape of
             a built model.
-        tie_word_embeddings: for ``llama`` only (GPT-2 is always tied).
+        tie_word_embeddings: for ``llama`` only (GPT-2 is tied).
+        untie_lm_head: give a tied head (GPT-2's) its own matrix, initialised from the
+            embeddings (the paper's GPT-2 target; see :func:`untie_lm_head`).
         init_std: std of a built model's random weights (``initializer_range``).
         seed: RNG seed of a built model's initialisation, so every process builds the same one.
         dtype: ``float32`` (default), ``float64`` (tests) or ``bfloat16``.
@@ -71,6 +73,7 @@ class ModelConfig:
     intermediate_size: int = 128
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = False
+    untie_lm_head: bool = False
     init_std: float = 0.02
     seed: int = 0
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
@@ -170,8 +173,28 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
             torch.manual_seed(cfg.seed)
             model = cls(config)
         model = model.to(dtype)
+    if cfg.untie_lm_head:
+        untie_lm_head(model)
     _check_vocab(model, cfg, vocab_size)
     return model.eval()
+
+
+def untie_lm_head(model: PreTrainedModel) -> None:
+    """Give a tied LM head its own matrix, initialised from the token embeddings.
+
+    The paper's GPT-2 target (as far as its loader shows) has a separate head initialised from
+    the embeddings: a pattern drawn into the head, or its norm, then sees only the gradients of
+    the output softmax, not those of the input embedding the tied matrix also is. Untying in
+    place keeps every weight's value; the config records it, so a saved model stays untied.
+    """
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    if head.weight is not embeddings.weight:
+        return
+    head.weight = torch.nn.Parameter(embeddings.weight.detach().clone())
+    model.config.tie_word_embeddings = False
+    for config in (model.config, getattr(model.config, "text_config", None)):
+        if config is not None and hasattr(config, "tie_word_embeddings"):
+            config.tie_word_embeddings = False
 
 
 def _check_vocab(model: PreTrainedModel, cfg: ModelConfig, vocab_size: int) -> None:

@@ -18,7 +18,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from dpg_lightning.errors import ConfigError
-from dpg_lightning.prompts import load_prompts, source_kind
+from dpg_lightning.prompts import load_prompts
+from dpg_lightning.text_sources import source_kind
 
 #: Files that make a directory a transformers model / tokenizer directory.
 _MODEL_FILES = ("config.json",)

@@ -22,7 +22,7 @@ from torch import nn
 
 from dpg_lightning.inner.steps import per_example_loss
 from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
-from dpg_lightning.textfiles import read_lines
+from dpg_lightning.text_sources import read_lines
 from dpg_lightning.tokenization import tokenize_examples
 
 

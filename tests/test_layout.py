@@ -47,7 +47,7 @@ CORE = [
     "dpg_lightning.preflight",
     "dpg_lightning.errors",
     "dpg_lightning.step_output",
-    "dpg_lightning.textfiles",
+    "dpg_lightning.text_sources",
     "dpg_lightning.divergence",
     "dpg_lightning.threads",
 ]

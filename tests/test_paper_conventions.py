@@ -14,6 +14,16 @@ import segno
 import torch
 from torch import nn
 
+from dpg_lightning.inner import (
+    InnerConfig,
+    inner_order,
+    metagradient_rewards,
+    per_example_loss,
+    run_sft,
+    trainable_names,
+)
+from dpg_lightning.models import ModelConfig, build_model
+from dpg_lightning.objectives import LMHeadL2Norm
 from dpg_lightning.patterns import (
     OFFICIAL_QR_TEXT,
     LMHeadPattern,
@@ -21,6 +31,8 @@ from dpg_lightning.patterns import (
     load_bitmap,
     official_image,
 )
+from dpg_lightning.tokenization import tokenize_examples
+from tests.conftest import OPTIMS, TEXTS, finite_difference_rewards, tiny
 
 OFFICIAL_67 = [[1, 1, 1, 1, -1, -1, -1], [-1, -1, -1, 1, 1, 1, -1], [-1, 1, 1, 1, 1, 1, -1],
                [-1, -1, -1, 1, 1, 1, -1], [-1, 1, -1, 1, 1, 1, -1], [-1, -1, -1, 1, 1, 1, 1]]
@@ -83,3 +95,75 @@ def test_project_layout_is_vocab_rows_and_ink_up():
     with torch.no_grad():
         head.lm_head.weight[3:9, 2:9] += 0.01 * (2 * torch.tensor(load_bitmap("67")) - 1)
     assert pattern.readout(head)["pixel_accuracy"] == 1.0
+
+
+# ------------------------------------------------------------------ inner-loss conventions
+
+PAPER_LOSS = dict(loss_normalization="max_length", micro_batch_reduction="sum_of_means",
+                  start_token=False, end_token_target=False)
+
+
+@pytest.mark.parametrize("backend", ["higher", "func", "replay"])
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_paper_loss_conventions_match_finite_differences(backend, optim, tokenizer):
+    """Sum/max_length, the sum of micro-batch means and no end-token target (and no start
+    token): rewards are still the exact derivative of the SFT those conventions define."""
+    target = tiny("gpt2")
+    cfg = InnerConfig(optim=OPTIMS[optim], batch_size=3, micro_batch_size=2, max_length=24,
+                      backend=backend, **PAPER_LOSS)
+    data = cfg.tokenize(TEXTS, tokenizer)
+    order = inner_order(len(data), 3, True, 1)  # 2 steps of 3: micro-batches 2 + 1
+    phi = LMHeadL2Norm()
+    rewards, _, _ = metagradient_rewards(target, data, phi, cfg, order)
+    fd = finite_difference_rewards(target, data, phi, cfg, order)
+    scored = fd != 0  # "a" has no target token under these conventions: exactly no effect
+    assert scored.sum() == len(TEXTS) - 1 and rewards[~scored].abs().max() == 0
+    assert ((rewards - fd).abs()[scored] / fd.abs()[scored]).max() < 1e-4
+
+
+def test_what_the_paper_conventions_change(tokenizer):
+    """Each convention changes what it says and nothing else."""
+    own = tokenize_examples(["abc"], tokenizer, 24)
+    paper = tokenize_examples(["abc"], tokenizer, 24, start_token=False, end_token_target=False)
+    eos = tokenizer.eos_token_id
+    assert own.input_ids[0].tolist()[-1] == eos and paper.input_ids[0].tolist()[-1] == eos
+    assert own.input_ids.shape[1] == 5 and paper.input_ids.shape[1] == 4  # no start token
+    assert (own.labels != -100).sum() == 4  # a b c eos (the start token is never predicted)
+    assert (paper.labels != -100).sum() == 2  # b c: a has no context, eos is not a target
+    logits = torch.randn(2, 5, 7, dtype=torch.float64)
+    labels = torch.tensor([[-100, 1, 2, 3, -100], [-100, 4, -100, -100, -100]])
+    mean = per_example_loss(logits, labels)
+    summed = per_example_loss(logits, labels, per_token_of=128)
+    torch.testing.assert_close(summed, mean * torch.tensor([3.0, 1.0], dtype=torch.float64) / 128)
+    rule = InnerConfig(batch_size=1024, micro_batch_size=128, **PAPER_LOSS).loss_rule()
+    assert rule.divisor(torch.arange(1024)) == 128  # sum of 8 micro-batch means = 8 x mean
+    assert InnerConfig(batch_size=1024, micro_batch_size=128).loss_rule().divisor(
+        torch.arange(1024)) == 1024
+
+
+def test_untied_gpt2_head(tokenizer, tmp_path):
+    """``untie_lm_head``: same values, separate tensors; SFT of the head alone leaves the
+    embeddings as they were, and a saved model loads untied."""
+    tied = tiny("gpt2")
+    untied = tiny("gpt2", untie_lm_head=True)
+    head, emb = untied.get_output_embeddings().weight, untied.get_input_embeddings().weight
+    assert tied.get_output_embeddings().weight is tied.get_input_embeddings().weight
+    assert head is not emb and torch.equal(head, emb)
+    assert trainable_names(untied, "lm_head") == ["lm_head.weight"]
+    cfg = InnerConfig(batch_size=3, train_params="all", optim=OPTIMS["sgd"])
+    data = cfg.tokenize(TEXTS, tokenizer)
+    captured = {}
+
+    def phi(target):
+        captured["head"] = target.get_output_embeddings().weight.detach().clone()
+        captured["emb"] = target.get_input_embeddings().weight.detach().clone()
+        return -target.get_output_embeddings().weight.norm()
+
+    run_sft(untied, data, torch.ones(len(data), dtype=torch.float64), phi, cfg,
+            inner_order(len(data), 3, False, 0), create_graph=False)
+    assert not torch.equal(captured["head"], captured["emb"])  # they move apart
+    untied.save_pretrained(tmp_path / "m")
+    loaded = build_model(ModelConfig(pretrained=str(tmp_path / "m"), dtype="float64"),
+                         len(tokenizer))
+    assert loaded.get_output_embeddings().weight is not loaded.get_input_embeddings().weight
+    assert torch.equal(loaded.get_output_embeddings().weight, head)

@@ -18,7 +18,9 @@ import pytest
 from dpg_lightning.data import PromptDataModule
 from dpg_lightning.errors import ConfigError
 from dpg_lightning.preflight import check_run
-from dpg_lightning.prompts import load_prompts, prompts_digest, read_prompts, source_kind
+from dpg_lightning.prompts import load_prompts, prompts_digest
+from dpg_lightning.text_sources import read_entries as read_prompts
+from dpg_lightning.text_sources import source_kind
 
 PASSAGES = ["The cat sat.", "Rain fell\non the hills.", "Bees make honey."]
 

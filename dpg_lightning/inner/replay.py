@@ -225,6 +225,7 @@ def _reverse_step(
         elif g.requires_grad:
             term = _Contract.apply(g, in_memory(dg))
             total = term if total is None else total + term
+            del term  # a name for a root would keep the step's whole graph alive
         del g, dg
     del adj_p, adj_m, adj_v, grads
     inputs = [eps] if is_first_step else p_in + [eps]
@@ -239,6 +240,7 @@ def _reverse_step(
                 if g is not None and g.requires_grad and seeds[j] is not None:
                     term = _Contract.apply(g, partial(seeds.__getitem__, j))
                     total = term if total is None else total + term
+                    del term  # else it keeps this micro-batch's graph alive after backward
             del part, g
             if last:
                 seeds = []

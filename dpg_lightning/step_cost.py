@@ -1,0 +1,440 @@
+"""The memory and FLOP model of one DPG step: plain functions of model shapes and settings,
+and where the shapes come from (without a model or the network).
+
+``python -m dpg_lightning plan`` (:mod:`dpg_lightning.plan`) prints these numbers for a config
+without building a model; they live here, apart from the command, so that each term can be
+tested on its own and checked against measurements (``benchmarks/plan_check.py``, numbers in
+``benchmarks/README.md``). Nothing here imports Lightning or builds a tensor.
+
+**Where the activation counts come from.** Autograd keeps, per transformer block, the tensors
+its backward formulas read. Counted per op of one block (fp32, per row and token; ``h``
+hidden, ``f`` MLP width, ``a`` heads, ``s`` sequence):
+
+* *first-order* (a forward whose gradient will be taken): GPT-2 keeps 8 hidden-sized tensors
+  (both LayerNorms' input and output, the contiguous q, k, v the attention products read, the
+  attention output the projection reads), 5 MLP-sized (the fc output, and the tanh-GELU's
+  ``tanh(.)``, ``0.5 x``, ``1 + tanh(.)`` and output) and 1 score-sized (the softmax output);
+  Llama keeps 10 / 4 / 1 (RMSNorm's input and normalised input twice, q, k, v after RoPE and
+  ``repeat_kv``, the attention output; gate, up, SiLU(gate) and their product).
+* *the Hessian-vector product's turn* (the double backward of one micro-batch, when it passes
+  the loss head, where everything is alive at once): each block holds what its forward kept
+  **plus, for each of those tensors, the HVP's pending gradient with respect to it** (waiting
+  in autograd's input buffers for the backward to come back down): GPT-2 16 / 10 / 3 (two
+  pending gradients reach the attention probabilities), Llama 23 / 8 / 3 (RMSNorm's double
+  backward adds three). The unrolled SFT of ``higher``/``func`` keeps the same per step: the
+  forward's tensors and the gradient graph's (which mirror them).
+
+These integers were read off the op list and confirmed by tracing every allocation of a tiny
+model (``benchmarks/plan_check.py --terms``); the assembled model is checked against measured
+peaks at two shapes (``benchmarks/README.md``, "Planner check").
+
+**The loss head.** The loss runs in fp32 over ``rows x s x vocab`` logits; with GPT-2's 50257
+tokens at 128 tokens per row these dominate. Logit-sized tensors alive at the peak: 4 in a
+first-order backward (log-softmax output, the NLL gradient, the logits' gradient and its
+zero-padded copy); 3 kept per step of the unrolled SFT (log-softmax output, NLL gradient,
+padded gradient that the head's gradient products read); 7 at the HVP's turn (log-softmax
+output, NLL gradient, the incoming adjoint of the logits' gradient, and the two outputs of the
+log-softmax double backward with their temporaries: 4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+from dpg_lightning.errors import ConfigError
+from dpg_lightning.models import ModelConfig
+
+GiB = 2**30
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the memory and FLOP model needs to know about one causal LM.
+
+    ``arch`` picks the activation counts (``gpt2``, or ``llama`` for Llama-style blocks:
+    RMSNorm, rotary positions, gated MLP); ``positions`` is the number of learned position
+    embeddings (0 for rotary); ``bytes_per_param`` the weights' dtype size.
+    """
+
+    arch: str
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    positions: int
+    tied: bool
+    bytes_per_param: int = 4
+
+    def block_params(self) -> int:
+        """Weights of one block (biases included for GPT-2, none for Llama)."""
+        h, f = self.hidden, self.intermediate
+        if self.arch == "gpt2":
+            return 2 * 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + (h * f + f) + (f * h + h)
+        kv = self.kv_heads * (h // self.heads)
+        return 2 * h + 2 * h * h + 2 * h * kv + 3 * h * f
+
+    @property
+    def params(self) -> int:
+        """All weights: embeddings (and an untied head), blocks, final norm."""
+        final = 2 * self.hidden if self.arch == "gpt2" else self.hidden
+        head = 0 if self.tied else self.vocab * self.hidden
+        return (self.vocab + self.positions) * self.hidden + self.layers * self.block_params() + (
+            final + head
+        )
+
+    @property
+    def matmul_params(self) -> int:
+        """Weights each token multiplies (blocks + LM head; embedding look-ups are free):
+        the ``P`` of the ``2P`` (forward) / ``6P`` (forward + backward) FLOPs per token."""
+        return self.layers * self.block_params() + self.vocab * self.hidden
+
+
+@dataclass(frozen=True)
+class _Counts:
+    hidden: int  # rows x s x h
+    mlp: int  # rows x s x f
+    scores: int  # rows x heads x s x s
+    final: int  # hidden-sized, after the last block (final norm)
+
+
+#: Per block, per row: tensors of each kind autograd holds (see the module docstring).
+FIRST_ORDER = {"gpt2": _Counts(8, 5, 1, 2), "llama": _Counts(10, 4, 1, 3)}
+HVP_TURN = {"gpt2": _Counts(16, 10, 3, 4), "llama": _Counts(23, 8, 3, 6)}
+#: Logit-sized fp32 tensors (rows x s x vocab) alive at each kind of peak.
+LOGITS_FIRST_ORDER, LOGITS_UNROLLED_STEP, LOGITS_HVP_TURN = 4, 3, 7
+
+
+def block_activation_bytes(
+    shape: ModelShape, rows: int, seq: int, counts: _Counts, elem: int
+) -> int:
+    """Bytes of the blocks' (and final norm's) saved tensors for ``rows`` rows of ``seq``."""
+    per_block = (counts.hidden * shape.hidden + counts.mlp * shape.intermediate
+                 + counts.scores * shape.heads * seq)
+    return rows * seq * (shape.layers * per_block + counts.final * shape.hidden) * elem
+
+
+def logits_bytes(shape: ModelShape, rows: int, seq: int, copies: int, elem: int = 4) -> int:
+    """``copies`` logit-sized tensors (the loss upcasts to fp32: ``elem`` 4)."""
+    return copies * rows * seq * shape.vocab * elem
+
+
+def hvp_graph_bytes(shape: ModelShape, rows: int, seq: int) -> int:
+    """One micro-batch's double-backward graph at its peak (``replay``'s reverse step):
+    forward activations + the HVP's pending gradients + 7 logit-sized tensors."""
+    elem = shape.bytes_per_param
+    return block_activation_bytes(shape, rows, seq, HVP_TURN[shape.arch], elem) + logits_bytes(
+        shape, rows, seq, LOGITS_HVP_TURN
+    )
+
+
+def unrolled_graph_bytes(shape: ModelShape, rows: int, seq: int, elem: int | None = None) -> int:
+    """What the unrolled SFT (``higher``/``func``) keeps for ``rows`` rows trained on: the
+    forward's and the gradient graph's tensors, 3 logit-sized tensors per row."""
+    elem = shape.bytes_per_param if elem is None else elem
+    return block_activation_bytes(shape, rows, seq, HVP_TURN[shape.arch], elem) + logits_bytes(
+        shape, rows, seq, LOGITS_UNROLLED_STEP
+    )
+
+
+def first_order_bytes(shape: ModelShape, rows: int, seq: int, elem: int | None = None) -> int:
+    """A forward + backward without a graph of the gradient (a plain SFT step)."""
+    elem = shape.bytes_per_param if elem is None else elem
+    return block_activation_bytes(shape, rows, seq, FIRST_ORDER[shape.arch], elem) + logits_bytes(
+        shape, rows, seq, LOGITS_FIRST_ORDER
+    )
+
+
+def slots(optim: str, momentum: float = 0.0) -> int:
+    """Weight-sized optimizer moments the inner update reads (Adam: 2; SGD: its momentum)."""
+    return 2 if optim in ("adam", "adamw") else int(bool(momentum))
+
+
+def update_graph_copies(optim: str) -> int:
+    """Weight-sized tensors the differentiable update of one step keeps for the backward.
+
+    Adam/AdamW: ``(1 - b2) g`` and ``g`` (read by ``g * g``), the square root and the
+    denominator, and the scaled first moment that the division reads: 5. SGD's update is
+    linear in every input with constant factors: nothing.
+    """
+    return 5 if optim in ("adam", "adamw") else 0
+
+
+@dataclass(frozen=True)
+class Inner:
+    """The inner SFT of one step as this rank sees it (see :func:`inner_terms`)."""
+
+    backend: str  # higher | func | replay
+    optim: str
+    momentum: float
+    trained_bytes: int  # the trained parameters' bytes (``inner.train_params``)
+    steps: int  # T
+    rows_per_step: int  # this rank's examples in one step
+    rows_total: int  # this rank's examples over the SFT
+    micro_rows: int  # rows of one micro-batch
+    seq: int
+    offload_adjoint: bool = False
+    reward: str = "dpg"
+
+    @property
+    def chunks(self) -> int:
+        """Micro-batches per step on this rank."""
+        return max(1, math.ceil(self.rows_per_step / self.micro_rows))
+
+
+def inner_terms(shape: ModelShape, inner: Inner) -> list[tuple[str, int]]:
+    """Device bytes the inner SFT adds on top of the target's weights, itemised.
+
+    * ``replay`` (one reverse step is the peak; nothing depends on T): the optimizer moments;
+      the adjoint carried from step to step (parameters + moments, ``1 + slots`` weight
+      copies; none in device memory with ``offload_adjoint``); the HVP's weight-sized buffers
+      (the seeds ``dPhi/dg`` or, in the last micro-batch, the HVP accumulated over the earlier
+      ones, plus the HVP pending for the weights: 2 copies when a step has several
+      micro-batches, 1 when the step's graph is built at once); one micro-batch's
+      double-backward graph (:func:`hvp_graph_bytes`).
+    * ``higher``/``func`` (the whole SFT on the tape): every step's parameters (``higher``
+      also copies the initial ones) and differentiable update (:func:`update_graph_copies`),
+      the last moments, the graph of every example trained on (:func:`unrolled_graph_bytes`:
+      micro-batching does not shrink it, each micro-batch's graph is kept for the step), and
+      the backward's carried adjoint and one micro-batch's extra logit-sized temporaries.
+    * ``reward: dataset``: a plain SFT: moments, the gradient and its running sum, one
+      micro-batch's first-order graph.
+    """
+    w = inner.trained_bytes
+    k = slots(inner.optim, inner.momentum)
+    micro = inner.micro_rows
+    if inner.reward == "dataset":
+        return [
+            ("inner optimizer state", k * w),
+            ("gradient + micro-batch sum", 2 * w),
+            (f"first-order graph, {micro} rows", first_order_bytes(shape, micro, inner.seq)),
+        ]
+    if inner.backend == "replay":
+        adjoint = 0 if inner.offload_adjoint else (1 + k) * w
+        hvp = 2 if inner.chunks > 1 else 1
+        return [
+            ("inner optimizer state", k * w),
+            ("carried adjoint" + (" (offloaded)" if inner.offload_adjoint else ""), adjoint),
+            ("HVP seeds / accumulated HVP", hvp * w),
+            (f"double-backward graph, {micro} rows", hvp_graph_bytes(shape, micro, inner.seq)),
+        ]
+    versions = inner.steps + (1 if inner.backend == "higher" else 0)
+    turn = logits_bytes(shape, micro, inner.seq, LOGITS_HVP_TURN - LOGITS_UNROLLED_STEP)
+    return [
+        (f"parameters of {versions} steps", versions * w),
+        (f"update graphs of {inner.steps} steps + moments",
+         (inner.steps * update_graph_copies(inner.optim) + k) * w),
+        (f"unrolled graph, {inner.rows_total} rows",
+         unrolled_graph_bytes(shape, inner.rows_total, inner.seq)),
+        ("backward: adjoint + HVP turn", (1 + k) * w + turn),
+    ]
+
+
+def checkpoint_bytes(trained_bytes: int, k: int, saved: int, segment: int, offload: bool
+                     ) -> tuple[int, int]:
+    """``replay``'s storage: ``(stored, host_buffer)`` bytes, as
+    :func:`~dpg_lightning.inner.replay_storage.check_replay_storage` counts them.
+
+    ``stored``: ``saved`` states of (trained parameters + ``k`` moments), plus two for an
+    offloaded adjoint (one read while the next is written); ``host_buffer``: the host copies
+    of one recomputed segment (``every_k``/``sqrt``), always in host memory.
+    """
+    per_state = trained_bytes * (1 + k)
+    return per_state * (saved + 2 * int(offload)), per_state * (segment - 1)
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """This rank's sampling and policy update (see :func:`generator_terms`)."""
+
+    rows: int  # prompts x samples on this rank
+    prompt: int  # prompt tokens (assumed)
+    new: int  # max_new_tokens
+    chunk: int  # rows per generate / no-grad scoring call
+    minibatch: int  # rows per policy-update minibatch
+    compute_bytes: int  # activation dtype (2 under bf16 precision)
+    reference: bool  # policy.beta > 0
+
+
+def generator_persistent(shape: ModelShape, reference: bool) -> list[tuple[str, int]]:
+    """The generator's bytes held through the whole step: weights, their gradients (kept from
+    the last update until the next ``zero_grad``), AdamW's two moments (in the parameters'
+    dtype, as ``torch.optim.AdamW`` keeps them) and the frozen reference copy."""
+    w = shape.params * shape.bytes_per_param
+    items = [("generator weights", w), ("generator gradients", w), ("AdamW state (2 moments)", 2 * w)]
+    if reference:
+        items.append(("reference copy (policy.beta > 0)", w))
+    return items
+
+
+def rollout_bytes(shape: ModelShape, r: Rollout) -> list[tuple[str, int]]:
+    """Generation for one chunk: the KV cache over prompt + completion, and the last position's
+    logits with the sampler's fp32 copies (about 4); or, if larger, one chunk's no-grad scoring
+    (model logits over prompt + completion, plus the fp32 copy and log-softmax of the
+    completion's)."""
+    e, ctx = r.compute_bytes, r.prompt + r.new
+    head_dim = shape.hidden // shape.heads
+    kv = 2 * shape.layers * shape.kv_heads * head_dim * ctx * r.chunk * e
+    sample = r.chunk * shape.vocab * (e + 4 * 4)
+    score = r.chunk * shape.vocab * (ctx * e + 2 * r.new * 4)
+    if kv + sample >= score:
+        return [(f"KV cache, {r.chunk} rows x {ctx} tokens", kv), ("sampling logits", sample)]
+    return [(f"scoring logits, {r.chunk} rows x {ctx} tokens", score)]
+
+
+def policy_update_bytes(shape: ModelShape, r: Rollout) -> list[tuple[str, int]]:
+    """One minibatch's forward + backward through the generator: the blocks' first-order
+    activations, the model's logits over prompt + completion, and 4 fp32 completion-logit
+    copies (upcast, temperature, log-softmax, its gradient)."""
+    ctx = r.prompt + r.new
+    acts = block_activation_bytes(shape, r.minibatch, ctx, FIRST_ORDER[shape.arch], r.compute_bytes)
+    logits = r.minibatch * shape.vocab * (ctx * r.compute_bytes + 4 * r.new * 4)
+    return [(f"activations, {r.minibatch} rows x {ctx} tokens", acts), ("policy logits", logits)]
+
+
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs of one DPG step on one rank, by phase."""
+
+    rollout: float
+    scoring: float
+    policy: float
+    inner_sft: float
+    attribution: float
+
+
+def step_flops(gen: ModelShape, target: ModelShape, r: Rollout, inner: Inner,
+               iterations: int, recompute_steps: int) -> Flops:
+    """FLOPs of one step on one rank (``2P`` per token forward, ``6P`` forward + backward,
+    attention's own FLOPs left out).
+
+    Rollout ``2P`` per prompt and generated token; scoring the old (and the reference)
+    log-probabilities ``2P`` per token; the policy update ``6P`` per token per iteration.
+    Inner SFT ``6P`` per target token over the SFT (one epoch). Attribution: ``replay``'s
+    reverse step recomputes the step's gradient with its graph and runs the HVP through it,
+    about ``3x`` the SFT step (``benchmarks/README.md`` measures 3.0 to 3.5x), plus a graph-free
+    gradient pass when the step has several micro-batches (the seeds are needed before any
+    micro-batch's HVP), plus one graph-free step per step that ``every_k``/``sqrt`` recomputes;
+    ``higher``/``func`` only run the backward through the tape, about ``2x`` the SFT.
+    """
+    tokens = r.rows * (r.prompt + r.new)
+    p_gen, p_t = gen.matmul_params, target.matmul_params
+    sft_step = 6 * p_t * inner.rows_per_step * inner.seq
+    sft = 6 * p_t * inner.rows_total * inner.seq
+    if inner.reward == "dataset":
+        attribution = 0.0
+    elif inner.backend == "replay":
+        extra = inner.steps if inner.chunks > 1 else 0
+        attribution = 3 * sft + (extra + recompute_steps) * sft_step
+    else:
+        attribution = 2 * sft
+    return Flops(
+        rollout=2 * p_gen * tokens,
+        scoring=2 * p_gen * tokens * (2 if r.reference else 1),
+        policy=6 * p_gen * tokens * iterations,
+        inner_sft=sft,
+        attribution=attribution,
+    )
+
+
+# ----------------------------------------------------------------------------- shapes
+
+#: Shapes of the hub models the paper configs name, from their public ``config.json``
+#: (huggingface.co/openai-community/gpt2: vocab_size 50257, n_embd 768, n_layer 12, n_head 12,
+#: n_inner null = 4 x 768, n_positions 1024, tied; huggingface.co/meta-llama/
+#: Llama-3.2-1B-Instruct: vocab_size 128256, hidden_size 2048, num_hidden_layers 16,
+#: num_attention_heads 32, num_key_value_heads 8, intermediate_size 8192, rotary, tied).
+KNOWN_SHAPES = {
+    "openai-community/gpt2": ModelShape("gpt2", 50257, 768, 12, 12, 12, 3072, 1024, True),
+    "meta-llama/Llama-3.2-1B-Instruct": ModelShape(
+        "llama", 128256, 2048, 16, 32, 8, 8192, 0, True
+    ),
+}
+KNOWN_SHAPES["gpt2"] = KNOWN_SHAPES["openai-community/gpt2"]
+BYTE_VOCAB = 259  # models.byte_tokenizer(): 256 bytes + pad, eos, unk
+DTYPE_BYTES = {"float32": 4, "float64": 8, "bfloat16": 2}
+SHAPE_KEYS = "arch, vocab, hidden, layers, heads, kv_heads, intermediate, positions, tied"
+
+
+def parse_shape(text: str, key: str, bytes_per_param: int) -> ModelShape:
+    """``--target_shape arch=gpt2,vocab=50257,hidden=768,...`` as a :class:`ModelShape`."""
+    values: dict[str, object] = {"bytes_per_param": bytes_per_param}
+    try:
+        for part in filter(None, text.split(",")):
+            name, value = (s.strip() for s in part.split("="))
+            values[name] = value if name == "arch" else (
+                value.lower() in ("1", "true", "yes") if name == "tied" else int(value))
+        values.setdefault("kv_heads", values.get("heads"))
+        values.setdefault("positions", 0)
+        shape = ModelShape(**values)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(
+            f"`{key} {text}` is not a shape ({err}); give every one of {SHAPE_KEYS} as "
+            "key=value, e.g. arch=gpt2,vocab=50257,hidden=768,layers=12,heads=12,kv_heads=12,"
+            "intermediate=3072,positions=1024,tied=true"
+        ) from None
+    if shape.arch not in ("gpt2", "llama"):
+        raise ConfigError(f"`{key}`: arch is {shape.arch!r}; use gpt2 or llama (block type)")
+    return shape
+
+
+def _from_auto_config(name: str) -> ModelShape | None:
+    """The shape from ``transformers.AutoConfig`` if ``name`` is a local directory or in the
+    local hub cache (never the network); ``None`` otherwise."""
+    from transformers import AutoConfig
+
+    try:
+        c = AutoConfig.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    h, heads = c.hidden_size, c.num_attention_heads
+    gpt2 = c.model_type == "gpt2"
+    return ModelShape(
+        "gpt2" if gpt2 else "llama", c.vocab_size, h, c.num_hidden_layers, heads,
+        getattr(c, "num_key_value_heads", None) or heads,
+        getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * h,
+        c.max_position_embeddings if gpt2 else 0, bool(getattr(c, "tie_word_embeddings", True)),
+    )
+
+
+def resolve_shape(mc: ModelConfig, key: str, given: str | None) -> tuple[ModelShape, str]:
+    """``(shape, where it came from)`` of the model ``mc`` describes at ``key``."""
+    size = DTYPE_BYTES[mc.dtype]
+    if given:
+        return parse_shape(given, f"--{key.split('.')[-1]}_shape", size), "given on the command line"
+    if mc.pretrained is None:
+        vocab, source = BYTE_VOCAB, "byte tokenizer"
+        if mc.tokenizer is not None:
+            known = KNOWN_SHAPES.get(mc.tokenizer) or _from_auto_config(mc.tokenizer)
+            if known is None:
+                raise ConfigError(
+                    f"`{key}.tokenizer: {mc.tokenizer}`: its vocabulary size is not known here "
+                    f"(not cached, not built in); give the shape with `--{key.split('.')[-1]}"
+                    f"_shape {SHAPE_KEYS.replace(', ', '=..,')}=..`"
+                )
+            vocab, source = known.vocab, f"tokenizer {mc.tokenizer}"
+        tied = mc.arch == "gpt2" or mc.tie_word_embeddings
+        shape = ModelShape(
+            mc.arch, vocab, mc.hidden_size, mc.num_layers, mc.num_heads, mc.num_heads,
+            mc.intermediate_size, mc.max_position_embeddings if mc.arch == "gpt2" else 0,
+            tied and not getattr(mc, "untie_lm_head", False), size,
+        )
+        return shape, f"built from config, {source}"
+    shape = _from_auto_config(mc.pretrained)
+    where = "transformers.AutoConfig, local"
+    if shape is None and mc.pretrained in KNOWN_SHAPES:
+        shape, where = KNOWN_SHAPES[mc.pretrained], "built-in, from its public config.json"
+    if shape is None:
+        raise ConfigError(
+            f"`{key}.pretrained: {mc.pretrained}`: its shape is not in the local hub cache and "
+            "not built in, and plan uses no network; download it once (its config.json is "
+            f"enough) or give the shape: `--{key.split('.')[-1]}_shape "
+            f"{SHAPE_KEYS.replace(', ', '=..,')}=..`"
+        )
+    if getattr(mc, "untie_lm_head", False):
+        shape = replace(shape, tied=False)
+    return replace(shape, bytes_per_param=size), where
+
+
