@@ -47,6 +47,20 @@ def _scale(x: Tensor, r: Tensor, dim: int | None, rel_tol: float) -> Tensor:
     return torch.where(flat, torch.zeros_like(x), x / safe)
 
 
+def grpo_official_advantages(rewards: Tensor, samples_per_prompt: int, scale: float) -> Tensor:
+    """The paper's RL framework's GRPO advantages: per prompt group ``(r - mean) / (std + 1e-6)``
+    of ``scale * r``, with the unbiased std (0 for a group of one).
+
+    On metagradient rewards (~1e-9 even after the paper's ``scale``, the micro-batch size) the
+    absolute ``1e-6`` dominates the std, so these advantages are the mean-centred rewards times
+    ~1e6: their size follows the rewards' size. :func:`compute_advantages` is scale-free.
+    """
+    r = scale * rewards.reshape(-1, samples_per_prompt).to(torch.float64)
+    std = r.std(1, unbiased=True, keepdim=True) if samples_per_prompt > 1 else torch.zeros_like(r)
+    adv = (r - r.mean(1, keepdim=True)) / (std + 1e-6)
+    return adv.reshape(-1).to(rewards.dtype)
+
+
 def compute_advantages(
     rewards: Tensor,
     samples_per_prompt: int,

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from dpg_lightning.checkpoints import check_checkpoint_config
 from dpg_lightning.divergence import DivergenceGuard, StepNumbers, check_validation_phi
-from dpg_lightning.errors import check_choice, check_int_at_least
+from dpg_lightning.errors import check_choice, check_int_at_least, require
 from dpg_lightning.inner import InnerConfig, Phi, inner_order, sft_on_texts, trainable_names
 from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.objectives import LMHeadL2Norm, Objective, check_objective
@@ -37,7 +37,7 @@ from dpg_lightning.rollout import (
 )
 from dpg_lightning.run_dir import RememberWandbRun
 from dpg_lightning.seeds import derive_seed
-from dpg_lightning.shared_sft import all_gather_cat, plan_sft, world_info
+from dpg_lightning.shared_sft import SFTPlan, all_gather_cat, plan_sft, world_info
 from dpg_lightning.shutdown import GracefulShutdown
 from dpg_lightning.slurm import SlurmRequeue, check_slurm_launch
 from dpg_lightning.step_output import StepOutput
@@ -64,6 +64,12 @@ class DPGModule(L.LightningModule):
         max_nonfinite_steps: consecutive training steps with non-finite rewards, Phi or inner
             loss after which the run stops with an error (a single one is skipped). A
             non-finite validation Phi stops the run at once.
+        val_sampling: how validation samples (``None``: as training). The paper samples one
+            completion per validation prompt, greedily (``temperature: 0``) for the UUID.
+        sft_groups: ``all`` (one inner SFT over the step's set) or ``inverse``: the set split
+            into ``samples_per_prompt`` groups, the k-th sample of every prompt, each with its
+            own SFT (the paper's naive baseline with ``reward: dataset``, and its "no
+            cross-group batching" ablation with ``reward: dpg``); see ``dpg_lightning.rewards``.
     """
 
     def __init__(
@@ -78,6 +84,8 @@ class DPGModule(L.LightningModule):
         seed: int = 0,
         distributed: Literal["shared", "independent"] = "shared",
         max_nonfinite_steps: int = 5,
+        val_sampling: SamplingConfig | None = None,
+        sft_groups: Literal["all", "inverse"] = "all",
     ) -> None:
         super().__init__()
         check_slurm_launch()
@@ -93,6 +101,12 @@ class DPGModule(L.LightningModule):
         check_int_at_least("model.seed", seed, 0)
         check_choice("model.distributed", distributed, ("shared", "independent"))
         check_int_at_least("model.max_nonfinite_steps", max_nonfinite_steps, 1)
+        check_choice("model.sft_groups", sft_groups, ("all", "inverse"))
+        require(self.sampling.temperature > 0,
+                "`model.sampling.temperature` is 0 (greedy), but the policy gradient needs "
+                "sampled rollouts; use a temperature > 0 (0 is for `model.val_sampling`)")
+        self.val_sampling = val_sampling or self.sampling
+        self.sft_groups = sft_groups
         self.reward, self.seed, self.distributed = reward, seed, distributed
         self.phases = PhaseReporter()  # where a step is, for the progress bar
         self.divergence = DivergenceGuard(max_nonfinite_steps, self._lower_hints())
@@ -100,6 +114,8 @@ class DPGModule(L.LightningModule):
 
         self.gen_tokenizer = load_tokenizer(self.gen_cfg)
         uses_chat_template(self.gen_tokenizer, self.sampling)  # a template it needs is there
+        if val_sampling is not None:
+            uses_chat_template(self.gen_tokenizer, val_sampling)
         self.generator = build_model(self.gen_cfg, len(self.gen_tokenizer))
         maybe_pretrain(self.generator, self.gen_tokenizer, self.gen_cfg)
         self.target_tokenizer = load_tokenizer(self.target_cfg)
@@ -107,9 +123,10 @@ class DPGModule(L.LightningModule):
         maybe_pretrain(self.target, self.target_tokenizer, self.target_cfg)
         self.target.requires_grad_(False)
         self.reference = None
+        grouped = sft_groups == "inverse"
         self.rewarder = (
-            MetagradientReward() if reward == "dpg"
-            else DatasetReward(self.policy.dataset_baseline_decay)
+            MetagradientReward(grouped) if reward == "dpg"
+            else DatasetReward(self.policy.dataset_baseline_decay, grouped)
         )
         if self.policy.beta:
             self.reference = copy.deepcopy(self.generator).requires_grad_(False)
@@ -165,17 +182,22 @@ class DPGModule(L.LightningModule):
         data = self.inner.tokenize(rollout.texts, self.target_tokenizer)
         data = data.to(self.device)
         world = world_info()
-        plan = plan_sft(
-            len(data),
-            self.inner.batch_size,
-            self.inner.shuffle,
-            derive_seed(self.seed, "inner_order", self.global_step),
-            self.distributed,
-            world,
-        )
+
+        def plan_for(n_local: int, group: int | None) -> SFTPlan:
+            """The order of one SFT: the step's (seeded by the step), or an inverse group's
+            (by the step and the group), whose batches are at most the group's size."""
+            counters = (self.global_step,) if group is None else (self.global_step, group)
+            batch = self.inner.batch_size
+            if group is not None:
+                shared = self.distributed == "shared"
+                batch = min(batch, n_local * (world.world_size if shared else 1))
+            seed = derive_seed(self.seed, "inner_order", *counters)
+            return plan_sft(n_local, batch, self.inner.shuffle, seed, self.distributed, world)
+
         with self._target_precision():
             scored = self.rewarder.score(
-                self.target, data, self.metric, self.inner, plan, times, self.phases.phase
+                self.target, data, self.metric, self.inner, plan_for,
+                self.sampling.samples_per_prompt, times, self.phases.phase,
             )
         rewards, phi, losses = scored.rewards, scored.phi, scored.losses
         # Rewards of all ranks' examples (one SFT over them all when shared): the baselines and
@@ -188,7 +210,7 @@ class DPGModule(L.LightningModule):
                 "train/phi_after_sft": phi.float(),
                 "train/inner_loss_first": losses[0].float(),
                 "train/inner_loss_last": losses[-1].float(),
-                "train/sft_examples": float(plan.num_examples),
+                "train/sft_examples": float(scored.num_examples),
                 "train/phi_rank_spread": (phis.max() - phis.min()).float(),
             },
             batch_size=len(batch),
@@ -241,14 +263,12 @@ class DPGModule(L.LightningModule):
             ref = (completion_logprobs(self.reference, rollout, temp, batch_size=chunk)
                    if self.reference else None)
         opt = self.optimizers()
-        n = len(rollout.texts)
         stats: dict[str, list[Tensor]] = {"policy_loss": [], "clip_frac": [], "kl": []}
-        opt_steps, total_steps = 0, p.num_iterations * p.num_minibatches
+        minibatches = self._minibatch_count(len(rollout.texts))
+        opt_steps, total_steps = 0, p.num_iterations * minibatches
         self.phases.phase("policy update", 0, total_steps)
         for _ in range(p.num_iterations):
-            perm = torch.randperm(n, device=self.device) if p.num_minibatches > 1 else None
-            rows_list = perm.chunk(p.num_minibatches) if perm is not None else [None]
-            for rows in rows_list:
+            for rows in self._minibatches(len(rollout.texts), minibatches):
                 sel = slice(None) if rows is None else rows
                 logp = completion_logprobs(self.generator, rollout, temp, rows=rows)
                 loss, s = policy_loss(
@@ -259,6 +279,8 @@ class DPGModule(L.LightningModule):
                     p.epsilon,
                     ref[sel] if ref is not None else None,
                     p.beta,
+                    p.dual_clip,
+                    p.loss_aggregation,
                 )
                 opt.zero_grad()
                 self.manual_backward(loss)
@@ -272,6 +294,28 @@ class DPGModule(L.LightningModule):
                 for k, v in s.items():
                     stats[k].append(v)
         return {k: torch.stack(v).mean() for k, v in stats.items()}
+
+    def _minibatch_count(self, n_rows: int) -> int:
+        """Optimizer steps per pass over this rank's ``n_rows`` samples."""
+        p, per_prompt = self.policy, self.sampling.samples_per_prompt
+        if p.minibatch_prompts is None:
+            return p.num_minibatches
+        return max(1, -(-(n_rows // per_prompt) // p.minibatch_prompts))
+
+    def _minibatches(self, n_rows: int, count: int) -> list[Tensor | None]:
+        """Rows of each mini-batch of one pass, in a random order (``[None]``: all rows).
+
+        With ``policy.minibatch_prompts`` the samples of a prompt stay together (the paper's
+        mini-batches are counted in prompts); else rows are shuffled one by one.
+        """
+        if count == 1:
+            return [None]
+        per_prompt = self.sampling.samples_per_prompt
+        if self.policy.minibatch_prompts is None:
+            return list(torch.randperm(n_rows, device=self.device).chunk(count))
+        prompts = torch.randperm(n_rows // per_prompt, device=self.device)
+        rows = prompts[:, None] * per_prompt + torch.arange(per_prompt, device=self.device)
+        return [chunk.reshape(-1) for chunk in rows.split(self.policy.minibatch_prompts)]
 
     # ---------------------------------------------------------------- validation
 
@@ -310,13 +354,16 @@ class DPGModule(L.LightningModule):
         self.phases.phase("validation: rollout")
         with torch.random.fork_rng(devices=devices), self._generator_precision():
             torch.manual_seed(derive_seed(self.seed, "validation"))
-            rollout = sample_rollout(self.generator, self.gen_tokenizer, prompts, self.sampling)
+            rollout = sample_rollout(self.generator, self.gen_tokenizer, prompts,
+                                     self.val_sampling)
         readout: dict[str, float] = {}
 
         def phi_and_readout(target):
             value = self.metric(target)
             readout.update(self.metric.readout(target))
             return value
+
+        readout.update(self.metric.readout_samples(rollout.texts))
 
         with self._target_precision():
             phi = sft_on_texts(

@@ -35,6 +35,11 @@ class Objective:
         """Task numbers to log besides Phi (default: none)."""
         return {}
 
+    def readout_samples(self, texts: list[str]) -> dict[str, float]:
+        """Task numbers about the generator's validation samples themselves (default: none),
+        e.g. whether it writes the string the target is asked to emit."""
+        return {}
+
 
 def lm_head_weight(target: nn.Module) -> Tensor:
     """The LM-head matrix ``[vocab, hidden]`` (tied heads are the input embedding)."""

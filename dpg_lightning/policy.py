@@ -10,7 +10,7 @@ frozen copy of the initial generator).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import get_args
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -35,6 +35,19 @@ class PolicyConfig:
         dataset_baseline_decay: ``reward: dataset`` only: weight of the past in the moving
             average of Phi that each step is compared with
             (:class:`~dpg_lightning.advantages.RunningPhi`).
+        minibatch_prompts: PPO mini-batches by prompts: each optimizer step takes the samples
+            of this many prompts (the paper's 32); overrides ``num_minibatches``.
+        loss_aggregation: ``sequence_sum`` (default: each sequence's summed token losses,
+            averaged over sequences: the unbiased REINFORCE estimate) or ``token_mean`` (the
+            paper's RL framework: the mean over all completion tokens of the mini-batch).
+        dual_clip: the dual-clip constant ``c`` (> 1, the paper's 3): a negative advantage's
+            loss is bounded by ``-c * A`` however large the ratio; ``None`` disables it.
+        advantage_normalization: ``scale_free`` (default, see
+            :mod:`dpg_lightning.advantages`) or ``grpo_official``: per prompt group
+            ``(r - mean) / (std_unbiased + 1e-6)`` of the rewards times ``reward_scale``.
+        reward_scale: rewards are multiplied by it before ``grpo_official`` normalisation (the
+            paper's reward is the micro-batch size times dPhi/deps; at ~1e-9 the 1e-6 then
+            dominates the std, so its advantages are effectively only mean-centred).
     """
 
     baseline: Baseline = "group"
@@ -48,6 +61,11 @@ class PolicyConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     dataset_baseline_decay: float = 0.9
+    minibatch_prompts: int | None = None
+    loss_aggregation: Literal["sequence_sum", "token_mean"] = "sequence_sum"
+    dual_clip: float | None = None
+    advantage_normalization: Literal["scale_free", "grpo_official"] = "scale_free"
+    reward_scale: float = 1.0
 
     def __post_init__(self) -> None:
         key = "model.policy"
@@ -73,6 +91,18 @@ class PolicyConfig:
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
             f"`{key}.betas` is {list(self.betas)}; give two values in [0, 1), e.g. [0.9, 0.999]",
         )
+        if self.minibatch_prompts is not None:
+            check_int_at_least(f"{key}.minibatch_prompts", self.minibatch_prompts, 1)
+        check_choice(f"{key}.loss_aggregation", self.loss_aggregation,
+                     ("sequence_sum", "token_mean"))
+        require(
+            self.dual_clip is None or (self.dual_clip > 1 and self.epsilon is not None),
+            f"`{key}.dual_clip` is {self.dual_clip}; it must be > 1 (e.g. 3) and needs "
+            f"`{key}.epsilon`, or null",
+        )
+        check_choice(f"{key}.advantage_normalization", self.advantage_normalization,
+                     ("scale_free", "grpo_official"))
+        check_positive(f"{key}.reward_scale", self.reward_scale)
         require(
             0 <= self.dataset_baseline_decay < 1,
             f"`{key}.dataset_baseline_decay` is {self.dataset_baseline_decay}; it must be in "
@@ -88,8 +118,16 @@ def policy_loss(
     epsilon: float | None = None,
     ref_logp: Tensor | None = None,
     beta: float = 0.0,
+    dual_clip: float | None = None,
+    aggregation: str = "sequence_sum",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped policy-gradient loss over ``[N, T]`` token log-probs; returns ``(loss, stats)``."""
+    """Clipped policy-gradient loss over ``[N, T]`` token log-probs; returns ``(loss, stats)``.
+
+    ``dual_clip`` bounds a negative advantage's per-token loss by ``-dual_clip * A`` (dual-clip
+    PPO, as in the paper's RL framework). ``aggregation``: ``sequence_sum`` sums each
+    sequence's token losses and averages over sequences; ``token_mean`` averages over all
+    tokens of the batch.
+    """
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
     adv = advantages.to(logp.dtype).unsqueeze(1)
@@ -97,6 +135,9 @@ def policy_loss(
     if epsilon is not None:
         clipped = ratio.clamp(1 - epsilon, 1 + epsilon) * adv
         per_token = -torch.minimum(surrogate, clipped)
+        if dual_clip is not None:
+            bounded = torch.minimum(per_token, -dual_clip * adv)
+            per_token = torch.where(adv < 0, bounded, per_token)
         clip_frac = ((surrogate > clipped).to(logp.dtype) * mask).sum() / mask.sum().clamp(min=1)
     else:
         per_token = -surrogate
@@ -107,5 +148,8 @@ def policy_loss(
         per_token_kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * per_token_kl
         kl = (per_token_kl * mask).sum() / mask.sum().clamp(min=1)
-    loss = (per_token * mask).sum(1).mean()
+    if aggregation == "token_mean":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
+    else:
+        loss = (per_token * mask).sum(1).mean()
     return loss, {"clip_frac": clip_frac.detach(), "kl": kl.detach()}

@@ -12,12 +12,11 @@ after minutes of model building or pretraining fails here with one message namin
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from dpg_lightning.errors import ConfigError
+from dpg_lightning.hub import hub_offline, hub_reachable
 from dpg_lightning.prompts import load_prompts
 from dpg_lightning.text_sources import source_kind
 
@@ -37,22 +36,6 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep != "/" and (
         os.sep in name
     )
-
-
-def hub_offline() -> bool:
-    """Whether the Hugging Face hub is switched off for this process (``HF_HUB_OFFLINE``)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the hub endpoint opens within ``timeout`` seconds."""
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _in_hub_cache(repo_id: str, filename: str, repo_type: str) -> bool:

@@ -55,7 +55,7 @@ class SamplingConfig:
     def __post_init__(self) -> None:
         key = "model.sampling"
         check_int_at_least(f"{key}.samples_per_prompt", self.samples_per_prompt, 1)
-        check_positive(f"{key}.temperature", self.temperature)
+        check_positive(f"{key}.temperature", self.temperature, allow_zero=True)
         require(
             0 < self.top_p <= 1, f"`{key}.top_p` is {self.top_p}; it must be in (0, 1]"
         )
@@ -193,9 +193,7 @@ def _generate(
     out = generator.generate(
         input_ids=ids,
         attention_mask=mask,
-        do_sample=True,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
+        **_decoding(cfg),
         top_k=0,
         max_new_tokens=cfg.max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
@@ -242,3 +240,11 @@ def _logprobs(model: nn.Module, ids: Tensor, mask: Tensor, prompt_length: int, t
 def token_logprobs(logits: Tensor, tokens: Tensor) -> Tensor:
     """Log-softmax of ``logits`` gathered at ``tokens`` (``[..., V]`` and ``[...]``)."""
     return logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _decoding(cfg: SamplingConfig) -> dict:
+    """``generate`` arguments: pure temperature / top-p sampling, or greedy at temperature 0
+    (the paper validates its UUID task greedily)."""
+    if cfg.temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": cfg.temperature, "top_p": cfg.top_p}

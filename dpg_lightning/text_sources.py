@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpg_lightning.errors import ConfigError
+from dpg_lightning.errors import ConfigError, require
 
 
 @dataclass(frozen=True)
@@ -252,3 +252,34 @@ def read_entries(
     return read_hub_entries(source, field, split, config, keys)
 
 
+
+
+def read_entries_with_fallback(
+    source: str | None,
+    fallback: str | None,
+    field: str,
+    split: str,
+    config: str | None,
+    keys: SourceKeys,
+    fallback_key: str,
+) -> list[str]:
+    """The entries of ``source``, or of the local ``fallback`` when ``source`` is a hub
+    dataset that cannot be loaded from here (no network; offline and not cached).
+
+    Lets one config name the paper's dataset for machines with hub access and a local copy
+    for the others, without trying the hub for a minute first where it is out of reach.
+    """
+    from dpg_lightning.hub import hub_offline, hub_reachable
+
+    if source is not None:
+        hub = source_kind(source, keys.source) == "hub"
+        if not hub or fallback is None:
+            return read_entries(source, field, split, config, keys)
+        if hub_offline() or hub_reachable():
+            try:
+                return read_entries(source, field, split, config, keys)
+            except ConfigError:
+                pass  # not loadable here (offline and not cached): the local copy
+    require(fallback is not None,
+            f"set `{keys.source}` (a dataset or file) or `{fallback_key}` (a local file)")
+    return read_entries(fallback, field, split, config, SourceKeys(fallback_key, keys.field))

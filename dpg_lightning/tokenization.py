@@ -83,9 +83,14 @@ def tokenize_examples(
 
 
 def tokenize_scored(
-    tokenizer, contexts: list[str], texts: list[str], max_length: int | None = None
+    tokenizer,
+    contexts: list[str],
+    texts: list[str],
+    max_length: int | None = None,
+    score_end_token: bool = True,
 ) -> TokenRows:
-    """Rows ``<start> context text <eos>`` scored on ``text <eos>``.
+    """Rows ``<start> context text <eos>`` scored on ``text <eos>`` (on ``text`` alone without
+    ``score_end_token``).
 
     ``max_length`` keeps the *end* of an over-long context (the part next to the scored text);
     a text that alone does not fit is an error.
@@ -103,4 +108,8 @@ def tokenize_scored(
             ctx_ids = ctx_ids[len(ctx_ids) - room :] if len(ctx_ids) > room else ctx_ids
         rows.append([start_token_id(tokenizer), *ctx_ids, *text_ids, tokenizer.eos_token_id])
         scored.append(len(text_ids) + 1)
-    return pad_rows(rows, scored, tokenizer.pad_token_id)
+    data = pad_rows(rows, scored, tokenizer.pad_token_id)
+    if not score_end_token:  # the eos stays last in the row (context for nothing), unscored
+        last = data.attention_mask.sum(1) - 1
+        data.labels[torch.arange(len(rows)), last] = -100
+    return data

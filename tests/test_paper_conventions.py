@@ -8,21 +8,30 @@ real SFT.
 
 from __future__ import annotations
 
+import json
+from types import SimpleNamespace
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import segno
 import torch
 from torch import nn
 
+from dpg_lightning.advantages import compute_advantages, grpo_official_advantages
 from dpg_lightning.inner import (
     InnerConfig,
+    dataset_reward,
     inner_order,
     metagradient_rewards,
     per_example_loss,
     run_sft,
     trainable_names,
 )
+from dpg_lightning.likelihood import LastWordLikelihood, SequenceLikelihood
 from dpg_lightning.models import ModelConfig, build_model
+from dpg_lightning.module import DPGModule
 from dpg_lightning.objectives import LMHeadL2Norm
 from dpg_lightning.patterns import (
     OFFICIAL_QR_TEXT,
@@ -31,7 +40,11 @@ from dpg_lightning.patterns import (
     load_bitmap,
     official_image,
 )
-from dpg_lightning.tokenization import tokenize_examples
+from dpg_lightning.policy import PolicyConfig, policy_loss
+from dpg_lightning.rewards import DatasetReward, MetagradientReward, inverse_groups
+from dpg_lightning.rollout import SamplingConfig, sample_rollout
+from dpg_lightning.shared_sft import WorldInfo, plan_sft
+from dpg_lightning.tokenization import TokenRows, start_token_id, tokenize_examples
 from tests.conftest import OPTIMS, TEXTS, finite_difference_rewards, tiny
 
 OFFICIAL_67 = [[1, 1, 1, 1, -1, -1, -1], [-1, -1, -1, 1, 1, 1, -1], [-1, 1, 1, 1, 1, 1, -1],
@@ -167,3 +180,153 @@ def test_untied_gpt2_head(tokenizer, tmp_path):
                          len(tokenizer))
     assert loaded.get_output_embeddings().weight is not loaded.get_input_embeddings().weight
     assert torch.equal(loaded.get_output_embeddings().weight, head)
+
+
+# ------------------------------------------------------------------ UUID and language metrics
+
+UUID = "0f1e2d3c-4b5a-6978-8695-a4b3c2d1e0f9"
+
+
+def test_uuid_from_a_dataset_scored_without_the_end_token(tokenizer, tmp_path, monkeypatch):
+    import datasets
+
+    from dpg_lightning import hub
+
+    local = tmp_path / "uuid.jsonl"
+    local.write_text(json.dumps({"text": UUID}) + "\n")
+    calls = []
+
+    def fake_load(name, config=None, split=None):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": [UUID]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: True)
+    paper = SequenceLikelihood(text_source="Tristan/uuid_dataset", text_file=str(local),
+                               score_end_token=False)
+    assert paper.text == UUID and calls == [("Tristan/uuid_dataset", None, "train")]
+    monkeypatch.setattr(hub, "hub_reachable", lambda timeout=3.0: False)  # no network: local
+    offline = SequenceLikelihood(text_source="Tristan/uuid_dataset", text_file=str(local),
+                                 score_end_token=False)
+    assert offline.text == UUID and len(calls) == 1
+    own = SequenceLikelihood(text=UUID)
+    for obj in (offline, own):
+        obj.bind_tokenizer(tokenizer)
+    n = len(tokenizer(UUID, add_special_tokens=False)["input_ids"])
+    assert offline.batch.input_ids[0, 0] == start_token_id(tokenizer)  # [BOS] + UUID
+    assert int((offline.batch.labels != -100).sum()) == n  # the UUID's tokens only
+    assert int((own.batch.labels != -100).sum()) == n + 1  # and the end token
+
+
+def test_last_word_metric_as_the_paper(tokenizer, tmp_path):
+    passages = ["el gato duerme en la casa", "vamos a la playa mañana"]
+    path = tmp_path / "es.parquet"
+    pq.write_table(pa.table({"text": passages}), path)
+    obj = LastWordLikelihood(passages_file=str(path), score_end_token=False,
+                             loss_normalization="max_length", max_length=128)
+    obj.bind_tokenizer(tokenizer)
+    target = tiny("gpt2")
+    rows = obj.batch
+    for row, passage in zip(range(2), passages, strict=True):
+        word = " " + passage.rsplit(" ", 1)[1]
+        scored = rows.input_ids[row][rows.labels[row] != -100]
+        assert tokenizer.decode(scored) == word  # the last word only, no end token
+    logits = target(rows.input_ids, attention_mask=rows.attention_mask).logits
+    token_ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), rows.labels[:, 1:], ignore_index=-100, reduction="none")
+    expected = (token_ce.sum(1) / 128).mean().float()  # per passage sum / 128, averaged
+    torch.testing.assert_close(obj.loss(target), expected)
+
+
+def test_generator_emission_readout():
+    obj = SequenceLikelihood(text="abcdef")
+    out = obj.readout_samples(["xx abcdef yy", "abcxx", "nothing", "ab"])
+    assert out["text_emitted_share"] == 0.25
+    assert out["text_prefix_share"] == pytest.approx((6 + 3 + 0 + 2) / 4 / 6)
+
+
+# ------------------------------------------------------------------ generator update
+
+
+def test_grpo_official_advantages():
+    rewards = torch.tensor([1e-9, 3e-9, 2e-9, 2e-9], dtype=torch.float64)
+    adv = grpo_official_advantages(rewards, 2, scale=128)
+    r = 128 * rewards.reshape(2, 2)
+    expected = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-6)
+    torch.testing.assert_close(adv, expected.reshape(-1))
+    # the 1e-6 dominates at this scale (std ~1.8e-7): the advantages are about the
+    # mean-centred rewards x 1e6, far below the unit scale the scale-free default gives
+    centred = (r - r.mean(1, keepdim=True)).reshape(-1) * 1e6
+    assert (adv / centred)[centred != 0].min() > 0.8
+    assert adv.abs().max() < 0.2 and compute_advantages(rewards, 2).abs().max() == 1
+
+
+def test_dual_clip_and_token_mean():
+    logp = torch.log(torch.tensor([[4.0, 1.0], [1.0, 1.0]]))  # ratio 4 on one token
+    old = torch.zeros(2, 2)
+    adv = torch.tensor([-1.0, 1.0])
+    mask = torch.tensor([[1, 1], [1, 0]])
+    plain, _ = policy_loss(logp, old, adv, mask, epsilon=0.2)
+    dual, _ = policy_loss(logp, old, adv, mask, epsilon=0.2, dual_clip=3.0)
+    # sequence 0 (A = -1): token 0 has ratio 4, PPO loss 4, which the dual clip bounds by 3;
+    # token 1 loss 1. Sequence 1 (A = +1, one token): loss -1.
+    assert float(plain) == pytest.approx(((4 + 1) - 1) / 2)
+    assert float(dual) == pytest.approx(((3 + 1) - 1) / 2)
+    token_mean, _ = policy_loss(logp, old, adv, mask, 0.2, dual_clip=3.0, aggregation="token_mean")
+    assert float(token_mean) == pytest.approx((3 + 1 - 1) / 3)
+
+
+def test_minibatches_by_prompts_keep_a_prompts_samples_together():
+    module = SimpleNamespace(policy=PolicyConfig(minibatch_prompts=2),
+                             sampling=SamplingConfig(samples_per_prompt=4), device="cpu")
+    count = DPGModule._minibatch_count(module, 5 * 4)
+    batches = DPGModule._minibatches(module, 5 * 4, count)
+    assert count == 3 and [len(b) for b in batches] == [8, 8, 4]
+    assert sorted(torch.cat(batches).tolist()) == list(range(20))
+    for rows in batches:
+        assert set((rows // 4).tolist()) == {int(r) // 4 for r in rows} and len(rows) % 4 == 0
+
+
+def test_greedy_validation_sampling(tokenizer):
+    gen = tiny("gpt2", dtype="float32")
+    greedy = SamplingConfig(samples_per_prompt=1, temperature=0.0, max_new_tokens=6)
+    a = sample_rollout(gen, tokenizer, ["hello", "abc"], greedy)
+    torch.manual_seed(123)
+    b = sample_rollout(gen, tokenizer, ["hello", "abc"], greedy)
+    assert a.texts == b.texts  # greedy: no randomness
+    with pytest.raises(ValueError, match="temperature"):
+        DPGModule(sampling=SamplingConfig(temperature=0.0))
+
+
+def test_inverse_groups():
+    groups = inverse_groups(12, 4)
+    assert [g.tolist() for g in groups] == [[0, 4, 8], [1, 5, 9], [2, 6, 10], [3, 7, 11]]
+
+
+@pytest.mark.parametrize("reward", ["dataset", "dpg"])
+def test_one_sft_per_inverse_group(reward, tokenizer):
+    """Each member gets its group's Phi (dataset) or its metagradient in its group's SFT (dpg):
+    the same as one SFT run on that group alone."""
+    target = tiny("gpt2")
+    texts = TEXTS + ["x", "yz"]  # 8 examples: 4 prompts x 2 samples
+    cfg = InnerConfig(batch_size=2, optim=OPTIMS["sgd"])
+    data = cfg.tokenize(texts, tokenizer)
+    phi = LMHeadL2Norm()
+
+    def plan_for(n: int, group: int | None):
+        return plan_sft(n, 2, True, 7 if group is None else group, "shared", WorldInfo())
+
+    rewarder = (DatasetReward(0.9, grouped=True) if reward == "dataset"
+                else MetagradientReward(grouped=True))
+    scored = rewarder.score(target, data, phi, cfg, plan_for, 2, {})
+    attribute = dataset_reward if reward == "dataset" else metagradient_rewards
+    for k, rows in enumerate(inverse_groups(8, 2)):
+        sub = TokenRows(data.input_ids[rows], data.attention_mask[rows], data.labels[rows])
+        alone = attribute(target, sub, phi, cfg, plan_for(4, k).order)[0]
+        torch.testing.assert_close(scored.rewards[rows], alone, rtol=0, atol=0)
+    if reward == "dataset":
+        assert len(set(scored.rewards.tolist())) == 2  # one Phi per group
+        adv = rewarder.advantages(scored.rewards, scored.rewards, WorldInfo(), True, 2,
+                                  PolicyConfig(baseline="batch_mean", scale_rewards="batch"))
+        assert adv.abs().sum() > 0  # compared within the step, not with earlier steps
