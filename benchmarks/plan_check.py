@@ -93,11 +93,13 @@ def random_rows(n: int, seq: int, vocab: int, gen: torch.Generator) -> TokenRows
     return TokenRows(ids, torch.ones_like(ids), labels)
 
 
-def replay_call(shape: ModelShape, micro: int, seq: int, directory: str, positions=None):
-    """The target and a zero-argument call running one replay metagradient on it."""
+def replay_call(shape: ModelShape, micro: int, seq: int, directory: str, positions=None,
+                chunks: int = 2, offload: bool = False, backend: str = "replay"):
+    """The target and a zero-argument call running one replay metagradient on it
+    (``STEPS`` inner steps of ``chunks`` micro-batches of ``micro`` rows)."""
     target = build_target(shape, positions=positions)
     gen = torch.Generator().manual_seed(0)
-    data = random_rows(2 * micro * STEPS, seq, shape.vocab, gen)
+    data = random_rows(chunks * micro * STEPS, seq, shape.vocab, gen)
     held = random_rows(1, seq, shape.vocab, gen)
 
     def phi(model):
@@ -107,29 +109,33 @@ def replay_call(shape: ModelShape, micro: int, seq: int, directory: str, positio
     cfg = InnerConfig(
         optim=InnerOptimConfig(name="adamw", lr=1e-5, betas=(0.9, 0.95), eps_root=1e-9,
                                weight_decay=1e-4),
-        batch_size=2 * micro, micro_batch_size=micro, backend="replay", max_length=seq,
-        replay=ReplayConfig(storage="disk", directory=directory),
+        batch_size=chunks * micro, micro_batch_size=micro, backend=backend, max_length=seq,
+        replay=ReplayConfig(storage="disk", directory=directory, offload_adjoint=offload),
     )
     order = inner_order(len(data), cfg.batch_size, True, 0)
     return target, lambda: metagradient_rewards(target, data, phi, cfg, order)
 
 
-def predicted(shape: ModelShape, micro: int, seq: int) -> list[tuple[str, int]]:
+def predicted(shape: ModelShape, micro: int, seq: int, chunks: int = 2, offload: bool = False,
+              backend: str = "replay") -> list[tuple[str, int]]:
     """The planner's itemised estimate of the same call's extra device memory."""
     inner = Inner(
-        backend="replay", optim="adamw", momentum=0.0,
+        backend=backend, optim="adamw", momentum=0.0,
         trained_bytes=shape.params * shape.bytes_per_param, steps=STEPS,
-        rows_per_step=2 * micro, rows_total=2 * micro * STEPS, micro_rows=micro, seq=seq,
+        rows_per_step=chunks * micro, rows_total=chunks * micro * STEPS, micro_rows=micro,
+        seq=seq, offload_adjoint=offload,
     )
     return inner_terms(shape, inner)
 
 
-def child(spec: str, micro: int, seq: int, out: str) -> None:
+def child(spec: str, micro: int, seq: int, chunks: int, offload: bool, backend: str, out: str
+          ) -> None:
     """Measure one call (in the freeing-allocator child) and write its row as JSON."""
     torch.set_num_threads(1)
     shape = shape_of(spec)
     with tempfile.TemporaryDirectory() as tmp:
-        target, call = replay_call(shape, micro, seq, tmp)
+        target, call = replay_call(shape, micro, seq, tmp, chunks=chunks, offload=offload,
+                                   backend=backend)
         params = sum(p.numel() for p in target.parameters())
         run = measure(call, torch.device("cpu"), memory=True)
     row = dict(shape=spec, micro=micro, seq=seq, params=params, peak=run.peak, cpu=run.cpu,
@@ -138,8 +144,11 @@ def child(spec: str, micro: int, seq: int, out: str) -> None:
         json.dump(row, f)
 
 
-def check(shapes: list[str], micros: list[int], seq: int) -> None:
+def check(shapes: list[str], micros: list[int], seq: int, chunks: int, offload: bool,
+          backend: str) -> None:
     print(machine_line("cpu", 1))
+    print(f"backend {backend}, {STEPS} steps of {chunks} micro-batch(es), adjoint "
+          f"{'offloaded' if offload else 'in memory'}")
     print("| shape (hidden x layers) | params | micro-batch x seq | predicted MiB | measured MiB "
           "| predicted / measured | CPU s |")
     print("|---|---|---|---|---|---|---|")
@@ -147,14 +156,15 @@ def check(shapes: list[str], micros: list[int], seq: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "row.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--child", spec,
-                   "--micro", str(micro), "--seq", str(seq), "--json-out", out]
+                   "--micro", str(micro), "--seq", str(seq), "--chunks", str(chunks),
+                   "--backend", backend, "--json-out", out] + (["--offload"] if offload else [])
             subprocess.run(cmd, env={**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": "1"},
                            check=True)
             with open(out) as f:
                 row = json.load(f)
         shape = shape_of(spec)
         assert shape.params == row["params"], (shape.params, row["params"])
-        terms = predicted(shape, micro, seq)
+        terms = predicted(shape, micro, seq, chunks, offload, backend)
         guess = sum(b for _, b in terms)
         print(f"| {spec} | {row['params'] / 1e6:.1f} M | {micro} x {seq} | {guess / 2**20:.1f} | "
               f"{row['peak'] / 2**20:.1f} | {guess / row['peak']:.3f} | {row['cpu']:.0f} |")
@@ -244,12 +254,16 @@ def main() -> None:
     p.add_argument("--shapes", default="256x4,512x6", help="HIDDENxLAYERS, comma-separated")
     p.add_argument("--micro", default="4,2", help="micro-batch rows, one per shape (or one)")
     p.add_argument("--seq", type=int, default=128, help="tokens per row")
+    p.add_argument("--chunks", type=int, default=2, help="micro-batches per inner step")
+    p.add_argument("--offload", action="store_true", help="inner.replay.offload_adjoint: true")
+    p.add_argument("--backend", default="replay", help="replay | higher | func")
     p.add_argument("--terms", action="store_true", help="re-derive the activation counts")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        child(args.child, int(args.micro), args.seq, args.json_out)
+        child(args.child, int(args.micro), args.seq, args.chunks, args.offload, args.backend,
+              args.json_out)
         return
     torch.set_num_threads(1)
     if args.terms:
@@ -258,7 +272,7 @@ def main() -> None:
     shapes = args.shapes.split(",")
     micros = [int(m) for m in args.micro.split(",")]
     micros = micros * len(shapes) if len(micros) == 1 else micros
-    check(shapes, micros, args.seq)
+    check(shapes, micros, args.seq, args.chunks, args.offload, args.backend)
 
 
 if __name__ == "__main__":
