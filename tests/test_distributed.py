@@ -3,8 +3,9 @@
 Two processes each hold half of N examples; their rewards (``metagradient_rewards`` with the
 differentiable gradient all-reduce and the sharded global order) must match the rewards of a
 single process holding all N examples in the same global order, to 1e-6 relative in float64,
-for both differentiable backends, with shuffled batches, with batches that lie wholly on one
-rank (so the other rank runs the zero-weight stand-in) and with Adam.
+for every backend (``replay`` sums the ranks' Hessian-vector products after each reverse step),
+with shuffled batches, with batches that lie wholly on one rank (so the other rank runs the
+zero-weight stand-in), with Adam, and in micro-batches (to 1e-10 of the unsplit SFT).
 """
 
 from __future__ import annotations
@@ -56,12 +57,18 @@ CASES = {
     "higher_adamw": (
         "higher", True, 4, InnerOptimConfig(name="adamw", lr=0.01, eps_root=1e-12, weight_decay=0.1)
     ),
+    # replay: the ranks' Hessian-vector products summed after each reverse step
+    "replay_adam": (
+        "replay", True, 3, InnerOptimConfig(name="adam", lr=0.01, eps_root=1e-12, weight_decay=0.1)
+    ),
+    "replay_one_rank_batches_sgd": ("replay", False, 2, InnerOptimConfig(name="sgd", lr=0.5)),
 }
 # Shared SFTs whose ranks split their examples of each step into micro-batches of one
 # (batches of 3 leave a last partial batch of 2): held to the unsplit single-process SFT.
 MICRO_CASES = {
     "func_adam_micro": ("func", True, 4, CASES["func_adam"][3]),
     "higher_adamw_micro": ("higher", True, 3, CASES["higher_adamw"][3]),
+    "replay_adam_micro": ("replay", True, 4, CASES["replay_adam"][3]),
 }
 SEED = 3
 

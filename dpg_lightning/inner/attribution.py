@@ -14,7 +14,6 @@ import time
 import torch
 from torch import Tensor, nn
 
-from dpg_lightning.errors import ConfigError
 from dpg_lightning.inner.config import InnerConfig
 from dpg_lightning.inner.replay import replay_rewards
 from dpg_lightning.inner.sft import run_sft
@@ -40,12 +39,7 @@ def metagradient_rewards(
     are those of this rank's examples for the SFT over all ranks' examples.
     """
     if cfg.backend == "replay":
-        if grad_reduce is not None:
-            raise ConfigError(
-                "`model.inner.backend: replay` does not support the shared multi-rank SFT; use "
-                "`model.inner.backend: higher | func` or `model.distributed: independent`"
-            )
-        return replay_rewards(target, data, phi, cfg, order, times, progress)
+        return replay_rewards(target, data, phi, cfg, order, times, progress, grad_reduce)
     start = time.perf_counter()
     eps = torch.ones(
         len(data), dtype=eps_dtype(target), device=data.input_ids.device, requires_grad=True

@@ -87,6 +87,7 @@ from dpg_lightning.inner.steps import (
     step_loss,
     trainable_names,
 )
+from dpg_lightning.inner.unrolled import GradReduce
 from dpg_lightning.objectives import MetricOnTarget
 from dpg_lightning.tokenization import TokenRows
 
@@ -97,8 +98,9 @@ Phi = Callable[[nn.Module], Tensor]
 class _Replay:
     """What every step of one replay shares: the target and its trained parameters' names,
     the synthetic set, the optimizer and which moment lists it uses, ``ones`` (the virtual
-    example weights at 1, a template of their dtype and device) and how a step's loss is
-    formed (micro-batches, normalisation)."""
+    example weights at 1, a template of their dtype and device), how a step's loss is
+    formed (micro-batches, normalisation), and, for an SFT shared by several ranks, the
+    differentiable SUM across ranks of per-rank gradients (:mod:`dpg_lightning.shared_sft`)."""
 
     target: nn.Module
     data: TokenRows
@@ -107,6 +109,7 @@ class _Replay:
     slots: tuple[bool, bool]
     ones: Tensor
     rule: LossRule
+    reduce: GradReduce | None = None
 
 
 class _Contract(torch.autograd.Function):
@@ -144,6 +147,8 @@ def _plain_step(
     forward = functional_forward(run.target, run.names, leaves)
     grads, loss = step_gradient(forward, leaves, run.data, idx, run.ones, run.rule)
     del leaves, forward
+    if run.reduce is not None:  # the global step's gradient, the same on every rank
+        grads = run.reduce(grads)
     if wait is not None:
         wait()
     return optimizer_step_([p.detach() for p in params], grads, state, run.optim), loss
@@ -192,6 +197,11 @@ def _reverse_step(
         del loss
     else:  # g without a graph; each micro-batch's graph is rebuilt below
         grads, _ = step_gradient(forward, p_in, run.data, idx, eps, run.rule)
+    # The update saw the global gradient (all ranks' sum); the Hessian-vector product below
+    # differentiates this rank's part of it (``grads``), and the ranks' parts are summed after.
+    update_grads = None
+    if run.reduce is not None:
+        update_grads = run.reduce([None if g is None else g.detach() for g in grads])
     seeds: list[Tensor | None] = [None] * n  # dPhi/dg, for the micro-batches' backwards
     before: Carried = ([None] * n, [None] * n, [None] * n)
     direct: list[Fetch | None] = [None] * n  # the parameters' adjoint, but for the HVP
@@ -200,6 +210,9 @@ def _reverse_step(
         fetched = [None if f is None else f() for f in (adj_p[j], adj_m[j], adj_v[j])]
         adj_p[j] = adj_m[j] = adj_v[j] = None
         g, grads[j] = grads[j], None
+        g_update = g
+        if update_grads is not None:
+            g_update, update_grads[j] = update_grads[j], None
         if all(a is None for a in fetched):
             continue  # nothing after this step depends on this parameter
         if g is None:  # not in this step's loss: the update left it and its moments as they were
@@ -210,7 +223,7 @@ def _reverse_step(
         m = state.exp_avg[j] if run.slots[0] else None
         v = state.exp_avg_sq[j] if run.slots[1] else None
         dp, dg, dm, dv = update_vjp(
-            p_in[j].detach(), g.detach(), m, v, state.step + 1, run.optim, tuple(fetched)
+            p_in[j].detach(), g_update.detach(), m, v, state.step + 1, run.optim, tuple(fetched)
         )
         del fetched
         if not is_first_step:  # each part goes at once (offloaded, it is freed once written)
@@ -226,9 +239,12 @@ def _reverse_step(
             term = _Contract.apply(g, in_memory(dg))
             total = term if total is None else total + term
             del term  # a name for a root would keep the step's whole graph alive
-        del g, dg
-    del adj_p, adj_m, adj_v, grads
+        del g, g_update, dg
+    del adj_p, adj_m, adj_v, grads, update_grads
     inputs = [eps] if is_first_step else p_in + [eps]
+    # One rank's adjoint is final only once the ranks' parts are summed (one collective after
+    # the backward, in a fixed order), so a shared SFT hands the parts on after it.
+    per_parameter = not is_first_step and run.reduce is None
     for k, chunk in enumerate(chunks):
         last = k == len(chunks) - 1
         if len(chunks) > 1:  # this micro-batch's share of the Hessian-vector product
@@ -245,7 +261,7 @@ def _reverse_step(
             if last:
                 seeds = []
         # Parameters' adjoints are final after the last micro-batch's backward only.
-        hooks = [] if is_first_step or not last else [
+        hooks = [] if not per_parameter or not last else [
             p.register_post_accumulate_grad_hook(partial(_finish, before[0], direct, j, stash))
             for j, p in enumerate(p_in)
         ]
@@ -254,13 +270,18 @@ def _reverse_step(
         del total
         for hook in hooks:
             hook.remove()
-    for j, leaf in enumerate(p_in):  # parameters the last backward did not reach
+    hvp = [leaf.grad for leaf in p_in]
+    if run.reduce is not None and not is_first_step:
+        hvp = run.reduce(hvp)
+    for j, grad in enumerate(hvp):  # parameters the last backward did not reach (or shared)
+        p_in[j].grad = None
         if is_first_step or before[0][j] is not None:
             continue
-        rest, grad = direct[j], leaf.grad
+        rest = direct[j]
         if rest is not None or grad is not None:
             before[0][j] = stash(grad if rest is None else (
                 rest() if grad is None else rest().add_(grad)))
+    del hvp
     return before, eps.grad
 
 
@@ -281,6 +302,7 @@ def replay_rewards(
     order: list[Tensor],
     times: dict[str, float] | None = None,
     progress: Progress | None = None,
+    grad_reduce: GradReduce | None = None,
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """DPG rewards ``r_i = dPhi/deps_i`` at ``eps = 1`` by step-wise replay.
 
@@ -299,7 +321,7 @@ def replay_rewards(
     saved = checkpoint_steps(rcfg, n_steps)
     names = trainable_names(target, cfg.train_params)
     ones = torch.ones(len(data), dtype=eps_dtype(target), device=data.input_ids.device)
-    run = _Replay(target, data, names, optim, slots, ones, cfg.loss_rule())
+    run = _Replay(target, data, names, optim, slots, ones, cfg.loss_rule(), grad_reduce)
 
     named = dict(target.named_parameters())
     work = [named[n] for n in names]  # updated in place; restored from state 0 at the end
@@ -379,6 +401,8 @@ def replay_rewards(
                 store.load(0, work, state, keep=True)
         finally:
             store.close()
+    if grad_reduce is not None:  # every rank's share of each global step loss
+        losses = list(grad_reduce([torch.stack(losses)])[0].unbind())
     if times is not None:
         times["inner_sft"] = middle - start
         times["attribution"] = time.perf_counter() - middle
