@@ -8,7 +8,10 @@ real SFT.
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,11 +20,15 @@ import pyarrow.parquet as pq
 import pytest
 import segno
 import torch
+import yaml
 from torch import nn
 
 from dpg_lightning.advantages import compute_advantages, grpo_official_advantages
+from dpg_lightning.data import PromptDataModule
 from dpg_lightning.inner import (
     InnerConfig,
+    InnerOptimConfig,
+    ReplayConfig,
     dataset_reward,
     inner_order,
     metagradient_rewards,
@@ -330,3 +337,42 @@ def test_one_sft_per_inverse_group(reward, tokenizer):
         adv = rewarder.advantages(scored.rewards, scored.rewards, WorldInfo(), True, 2,
                                   PolicyConfig(baseline="batch_mean", scale_rewards="batch"))
         assert adv.abs().sum() > 0  # compared within the step, not with earlier steps
+
+
+# ------------------------------------------------------------------ configs/paper
+
+PAPER_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "paper").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", PAPER_CONFIGS, ids=lambda p: p.stem)
+def test_paper_configs_hold_valid_official_settings(path):
+    """Every setting of a paper config is accepted by its config class, and the paper's
+    conventions are the ones switched on (the values themselves: configs/paper/README.md)."""
+    cfg = yaml.safe_load(path.read_text())
+    m = cfg["model"]
+    inner = dict(m["inner"])
+    optim, replay = InnerOptimConfig(**inner.pop("optim")), ReplayConfig(**inner.pop("replay"))
+    inner_cfg = InnerConfig(optim=optim, replay=replay, **inner)
+    sampling, val = SamplingConfig(**m["sampling"]), SamplingConfig(**m["val_sampling"])
+    policy = PolicyConfig(**m["policy"])
+    generator, target = ModelConfig(**m["generator"]), ModelConfig(**m["target"])
+    module, _, name = m["metric"]["class_path"].rpartition(".")
+    inspect.signature(getattr(importlib.import_module(module), name)).bind(
+        **m["metric"].get("init_args", {}))
+    inspect.signature(PromptDataModule).bind(**cfg["data"])
+    gpt2 = "gpt2" in (target.pretrained or "")
+    assert inner_cfg.micro_batch_reduction == "sum_of_means"
+    assert inner_cfg.loss_normalization == "max_length" and not inner_cfg.end_token_target
+    assert inner_cfg.start_token is not gpt2 and target.untie_lm_head is gpt2
+    assert inner_cfg.batch_size == 1024 and inner_cfg.micro_batch_size == (128 if gpt2 else 8)
+    assert generator.dtype == "float32" and cfg["trainer"]["precision"] == "bf16-mixed"
+    assert sampling.chat_template == "on" and val.samples_per_prompt == 1
+    assert policy.dual_clip == 3.0 and policy.loss_aggregation == "token_mean"
+    assert policy.weight_decay == 0.01 and policy.max_grad_norm == 1.0
+    baseline = path.stem.endswith("_baseline")
+    official = ("dataset", "inverse") if baseline else ("dpg", "all")
+    assert (m["reward"], m["sft_groups"]) == official
+    ranks = cfg["trainer"]["devices"]
+    prompts = cfg["data"]["num_prompts"] * ranks
+    assert policy.minibatch_prompts * ranks == 32
+    assert cfg["trainer"]["max_steps"] % (prompts // 32) == 0
