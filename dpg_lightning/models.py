@@ -55,6 +55,9 @@ class ModelConfig:
         tie_word_embeddings: for ``llama`` only (GPT-2 is tied).
         untie_lm_head: give a tied head (GPT-2's) its own matrix, initialised from the
             embeddings (the paper's GPT-2 target; see :func:`untie_lm_head`).
+        vocab_size: a built model's vocabulary (default: its tokenizer's size). Larger than
+            the tokenizer for rehearsals at a real model's shape (GPT-2's 50257 logits) with
+            the download-free byte tokenizer.
         init_std: std of a built model's random weights (``initializer_range``).
         seed: RNG seed of a built model's initialisation, so every process builds the same one.
         dtype: ``float32`` (default), ``float64`` (tests) or ``bfloat16``.
@@ -74,6 +77,7 @@ class ModelConfig:
     max_position_embeddings: int = 256
     tie_word_embeddings: bool = False
     untie_lm_head: bool = False
+    vocab_size: int | None = None
     init_std: float = 0.02
     seed: int = 0
     dtype: Literal["float32", "float64", "bfloat16"] = "float32"
@@ -96,6 +100,8 @@ class ModelConfig:
         )
         check_positive(f"{key}.init_std", self.init_std)
         check_int_at_least(f"{key}.pretrain_steps", self.pretrain_steps, 0)
+        if self.vocab_size is not None:
+            check_int_at_least(f"{key}.vocab_size", self.vocab_size, 1)
         check_positive(f"{key}.pretrain_lr", self.pretrain_lr)
         if self.pretrain_files is not None and isinstance(self.pretrain_files, str):
             self.pretrain_files = [self.pretrain_files]
@@ -138,6 +144,7 @@ def build_model(cfg: ModelConfig, vocab_size: int) -> PreTrainedModel:
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
     else:
+        vocab_size = max(vocab_size, cfg.vocab_size or 0)
         common = dict(
             vocab_size=vocab_size,
             attn_implementation="eager",
