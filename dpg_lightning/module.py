@@ -117,7 +117,10 @@ class DPGModule(L.LightningModule):
         if val_sampling is not None:
             uses_chat_template(self.gen_tokenizer, val_sampling)
         self.generator = build_model(self.gen_cfg, len(self.gen_tokenizer))
-        maybe_pretrain(self.generator, self.gen_tokenizer, self.gen_cfg)
+        # the generator reads prompts as rollouts feed them: with a start token only if the
+        # chat template adds one
+        maybe_pretrain(self.generator, self.gen_tokenizer, self.gen_cfg,
+                       start_token=uses_chat_template(self.gen_tokenizer, self.sampling))
         self.target_tokenizer = load_tokenizer(self.target_cfg)
         self.target = build_model(self.target_cfg, len(self.target_tokenizer))
         maybe_pretrain(self.target, self.target_tokenizer, self.target_cfg)

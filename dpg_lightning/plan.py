@@ -1,23 +1,17 @@
-"""``python -m dpg_lightning plan --config CFG``: will one DPG step of this config fit, and how long?
+"""``python -m dpg_lightning plan --config CFG``: does one DPG step of a config fit, how long?
 
 Reads the config ``fit`` reads (the same keys and defaults; files it names need not exist),
 builds no model and needs no GPU, and prints for one DPG step: rollouts and tokens, inner
 steps and micro-batches, the estimated peak memory per device itemised by phase (rollout,
 inner SFT, policy update, on top of what the whole step holds), ``replay``'s checkpoint
-storage, and FLOPs with a time at ``--tflops`` x ``--mfu``. The memory/FLOP model is
-:mod:`dpg_lightning.step_cost` (its docstring says where each term comes from; its accuracy
-is measured in ``benchmarks/README.md``, "Planner check").
+storage, and FLOPs with a time at ``--tflops`` x ``--mfu``. The memory/FLOP model, and where
+model shapes come from without any network, is :mod:`dpg_lightning.step_cost`; its accuracy
+is measured in ``benchmarks/README.md`` ("Planner check").
 
-Model shapes come, without any network, from ``transformers.AutoConfig`` when the model is a
-local directory or in the local hub cache, else from :data:`~dpg_lightning.step_cost.KNOWN_SHAPES`, else from
-``--generator_shape`` / ``--target_shape``; a model none of these knows is a config error
-(:func:`dpg_lightning.step_cost.resolve_shape`).
-
-Exit status: 0 when the step fits; 2 for a config that cannot run (``ConfigError``, as
-``fit`` would say: an inner batch larger than the set, ``replay`` with a shared multi-rank SFT,
-a model whose shape is unknown); 3 (:class:`PlanDoesNotFit`) when the peak exceeds
-``--gpu_memory`` or the checkpoints exceed the host memory or disk, naming the knob to turn.
-"""
+Exit status: 0 when the step fits; 2 for a config that cannot run (``ConfigError``, as ``fit``
+would say: an inner batch larger than the set, a model whose shape is unknown); 3
+(:class:`PlanDoesNotFit`) when the peak exceeds ``--gpu_memory`` or the checkpoints exceed the
+host memory or disk, naming the knob to turn."""
 
 from __future__ import annotations
 
@@ -55,6 +49,7 @@ from dpg_lightning.step_cost import (
     step_flops,
 )
 
+
 class PlanDoesNotFit(RunError):
     """The config is valid but one step needs more memory or storage than there is."""
 
@@ -72,6 +67,7 @@ class Config:
     policy: PolicyConfig
     reward: str
     distributed: str
+    sft_groups: str
     num_prompts: int
     gpus: int
     prompt_tokens: int
@@ -115,14 +111,13 @@ def evaluate(cfg: Config) -> Plan:
             f"{set_size} examples (num_prompts x samples_per_prompt{' x ranks' if shared else ''})"
             ": choose 1 <= inner.batch_size <= that"
         )
-    if shared and inner_cfg.backend == "replay" and cfg.reward == "dpg":
-        raise ConfigError(
-            "`model.inner.backend: replay` does not support the shared multi-rank SFT "
-            f"({cfg.gpus} GPUs); use `model.inner.backend: higher | func` or "
-            "`model.distributed: independent`"
-        )
-    steps = math.ceil(set_size / inner_cfg.batch_size)
-    per_step = min(rows, math.ceil(inner_cfg.batch_size / cfg.gpus) if shared else inner_cfg.batch_size)
+    # sft_groups: inverse: one SFT per inverse group (the k-th sample of every prompt), each
+    # with batches of at most the group's size, one after the other.
+    sfts = sampling.samples_per_prompt if cfg.sft_groups == "inverse" else 1
+    sft_rows, sft_set = rows // sfts, set_size // sfts
+    batch = min(inner_cfg.batch_size, sft_set)
+    steps = math.ceil(sft_set / batch)
+    per_step = min(sft_rows, math.ceil(batch / cfg.gpus) if shared else batch)
     target, gen = cfg.target, cfg.gen
     trained = (target.vocab * target.hidden if inner_cfg.train_params == "lm_head"
                else target.params) * target.bytes_per_param
@@ -131,14 +126,17 @@ def evaluate(cfg: Config) -> Plan:
         seq = min(seq, sampling.max_new_tokens + 2)
     inner = Inner(
         backend=inner_cfg.backend, optim=inner_cfg.optim.name, momentum=inner_cfg.optim.momentum,
-        trained_bytes=trained, steps=steps, rows_per_step=per_step, rows_total=rows,
+        trained_bytes=trained, steps=steps, rows_per_step=per_step, rows_total=sft_rows,
         micro_rows=min(inner_cfg.micro_batch_size or per_step, per_step), seq=seq,
-        offload_adjoint=inner_cfg.replay.offload_adjoint, reward=cfg.reward,
+        offload_adjoint=inner_cfg.replay.offload_adjoint, reward=cfg.reward, shared=shared,
+        sfts=sfts,
     )
+    updates = (policy.num_minibatches if policy.minibatch_prompts is None
+               else math.ceil(cfg.num_prompts / policy.minibatch_prompts))
     rollout = Rollout(
         rows=rows, prompt=cfg.prompt_tokens, new=sampling.max_new_tokens,
         chunk=min(rows, sampling.generation_batch_size or rows),
-        minibatch=math.ceil(rows / policy.num_minibatches),
+        minibatch=math.ceil(rows / updates), updates=updates,
         compute_bytes=cfg.gen_compute_bytes, reference=policy.beta > 0,
     )
     persistent = generator_persistent(gen, rollout.reference)
@@ -223,8 +221,6 @@ def parser() -> ArgumentParser:
 
 def _gpus(args: Namespace) -> int:
     if args.gpus is not None:
-        if args.gpus < 1:
-            raise ConfigError(f"`--gpus` is {args.gpus}; give the number of ranks, >= 1")
         return args.gpus
     trainer = args.trainer or {}
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
@@ -244,7 +240,8 @@ def config_from_args(args: Namespace) -> tuple[Config, dict[str, str]]:
     cfg = Config(
         gen=gen, target=target, inner=build(InnerConfig, m.inner),
         sampling=build(SamplingConfig, m.sampling), policy=build(PolicyConfig, m.policy),
-        reward=m.reward, distributed=m.distributed, num_prompts=args.data.num_prompts,
+        reward=m.reward, distributed=m.distributed, sft_groups=m.sft_groups,
+        num_prompts=args.data.num_prompts,
         gpus=_gpus(args), prompt_tokens=args.prompt_tokens,
         gen_compute_bytes=2 if half else gen.bytes_per_param,
         same_tokenizer=(gen_mc.tokenizer or gen_mc.pretrained)
@@ -256,11 +253,10 @@ def config_from_args(args: Namespace) -> tuple[Config, dict[str, str]]:
 def main(argv: list[str] | None = None) -> Plan:
     """``python -m dpg_lightning plan``: print the plan; raise when it does not fit."""
     args = parser().parse_args(argv)
-    for name in ("gpu_memory", "tflops", "tflops_fp32", "mfu", "hbm_tbps"):
-        if getattr(args, name) <= 0:
+    for name in ("gpus", "gpu_memory", "tflops", "tflops_fp32", "mfu", "hbm_tbps",
+                 "prompt_tokens", "gpus_per_node"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise ConfigError(f"`--{name}` is {getattr(args, name)}; it must be > 0")
-    if args.prompt_tokens < 1:
-        raise ConfigError(f"`--prompt_tokens` is {args.prompt_tokens}; it must be >= 1")
     cfg, where = config_from_args(args)
     plan = evaluate(cfg)
     host, disk = _host_and_disk(args, cfg.inner)
@@ -290,7 +286,6 @@ def _host_and_disk(args: Namespace, inner: InnerConfig) -> tuple[tuple[int, str]
     return host, (shutil.disk_usage(path).free, f"free at {path} on this machine")
 
 
-
 # ----------------------------------------------------------------------------- the report
 
 
@@ -314,22 +309,26 @@ def render(plan: Plan, args: Namespace, where: dict[str, str], host: tuple[int, 
     ]
     m = args.model
     for name, shape, mc in (("generator", cfg.gen, m.generator), ("target", cfg.target, m.target)):
-        label = (mc.pretrained if mc is not None and mc.pretrained else "built") + f" ({shape.arch})"
-        lines.append(f"  {name:<10} {label}: {_count(shape.params)} params, "
+        label = mc.pretrained if mc is not None and mc.pretrained else "built"
+        lines.append(f"  {name:<10} {label} ({shape.arch}): {_count(shape.params)} params, "
                      f"{shape.bytes_per_param} B each ({where[name]})")
-    chunks = inner.chunks
+    trains = icfg.train_params
+    if trains not in ("all", "lm_head"):
+        lines[-1] += f"; trains `{trains}`: counted as all (an upper bound)"
     lines += [
         "one DPG step",
         f"  rollouts       {cfg.num_prompts} prompts x {sampling.samples_per_prompt} samples = "
         f"{plan.rows} per rank, {plan.rows * cfg.gpus} in total",
         f"  tokens         {r.prompt} prompt (assumed, --prompt_tokens) + {r.new} new = "
         f"{r.prompt + r.new} per rollout, {plan.rows * (r.prompt + r.new):,} per rank",
-        f"  inner steps    {plan.steps} = ceil(set {plan.set_size} / inner.batch_size "
-        f"{icfg.batch_size}); set: {'all ranks (distributed: shared)' if shared else 'this rank'}",
-        f"  micro-batches  {chunks} per inner step per rank, of {inner.micro_rows} rows x "
+        f"  inner steps    {plan.steps} = ceil(set {plan.set_size // inner.sfts} / "
+        f"inner.batch_size {icfg.batch_size}); set: "
+        f"{'all ranks (distributed: shared)' if shared else 'this rank'}"
+        + (f"; x {inner.sfts} SFTs (sft_groups: inverse)" if inner.sfts > 1 else ""),
+        f"  micro-batches  {inner.chunks} per inner step per rank, of {inner.micro_rows} rows x "
         f"{inner.seq} target tokens (inner.micro_batch_size {icfg.micro_batch_size})",
-        f"  policy         {policy.num_iterations * policy.num_minibatches} optimizer step(s) = "
-        f"{policy.num_iterations} iteration(s) x {policy.num_minibatches} minibatch(es) of "
+        f"  policy         {policy.num_iterations * r.updates} optimizer step(s) = "
+        f"{policy.num_iterations} iteration(s) x {r.updates} minibatch(es) of "
         f"{r.minibatch} rollouts",
         f"peak memory per device{'GiB':>38}",
         "  held through the step",
@@ -397,8 +396,9 @@ def _flop_lines(plan: Plan, args: Namespace) -> list[str]:
             seconds = max(seconds, bound)
         total += seconds
         lines.append(f"  {name:<46}{flops / 1e12:>12.1f}{seconds:>10.2f}{note}")
-    steps = (args.trainer or {}).get("max_steps")
-    extra = f"; x trainer.max_steps {steps} = {total * steps / 3600:.1f} h" if steps else ""
+    steps = (args.trainer or {}).get("max_steps")  # counts generator updates
+    steps = steps and math.ceil(steps / (cfg.policy.num_iterations * r.updates))
+    extra = f"; x {steps} DPG steps (max_steps) = {total * steps / 3600:.1f} h" if steps else ""
     lines.append(f"  one DPG step{'':>46}{total:>10.2f}{extra} (validation not counted)")
     return lines
 
@@ -432,9 +432,8 @@ def knobs(plan: Plan, capacity: float) -> list[str]:
         if not icfg.replay.offload_adjoint:
             out.append("`model.inner.replay.offload_adjoint: true` (storage cpu for a GPU target)")
     elif phase == "inner SFT":
-        alt = replace(cfg, distributed="independent" if cfg.gpus > 1 else cfg.distributed,
-                      inner=replace(icfg, backend="replay", activation_checkpointing=False,
-                                    autocast="none"))
+        alt = replace(cfg, inner=replace(icfg, backend="replay", activation_checkpointing=False,
+                                         autocast="none"))
         replay = [m for m in range(inner.micro_rows, 0, -1) if _fits(
             replace(alt, inner=replace(alt.inner, micro_batch_size=m)), capacity)]
         if replay:
@@ -453,11 +452,13 @@ def knobs(plan: Plan, capacity: float) -> list[str]:
             size //= 2
         out.append(f"`model.sampling.generation_batch_size: {max(size, 1)}`")
     else:
-        n = cfg.policy.num_minibatches * 2
+        n = plan.rollout.updates * 2
         while n < plan.rows and not _fits(replace(cfg, policy=replace(
-                cfg.policy, num_minibatches=n)), capacity):
+                cfg.policy, num_minibatches=n, minibatch_prompts=None)), capacity):
             n *= 2
-        out.append(f"`model.policy.num_minibatches: {min(n, plan.rows)}`")
+        fewer = math.ceil(cfg.num_prompts / n)
+        out.append(f"`model.policy.minibatch_prompts: {fewer}`" if cfg.policy.minibatch_prompts
+                   else f"`model.policy.num_minibatches: {min(n, plan.rows)}`")
     return out
 
 
@@ -473,18 +474,20 @@ def check_fits(plan: Plan, capacity: float, host: tuple[int, str], disk: tuple[i
         problems.append(f"the peak, {_gib(peak)} GiB in the {phase}, exceeds --gpu_memory "
                         f"{_gib(capacity)} GiB; {hint}")
     if plan.saved_states:
-        rcfg = plan.cfg.inner.replay
-        per_node = min(plan.cfg.gpus, gpus_per_node)
-        on_host = plan.host_buffer + (plan.stored if rcfg.storage == "cpu" else 0)
-        if on_host * per_node > host[0]:
-            problems.append(
-                f"replay keeps {_gib(on_host * per_node)} GiB in host memory per node but "
-                f"{_gib(host[0])} GiB is {host[1]}; use `model.inner.replay.storage: disk` or "
-                "`model.inner.replay.checkpoint: sqrt`")
-        if rcfg.storage == "disk" and plan.stored * per_node > disk[0]:
-            problems.append(
-                f"replay writes {_gib(plan.stored * per_node)} GiB of checkpoints per node but "
-                f"{_gib(disk[0])} GiB is {disk[1]}; use `model.inner.replay.checkpoint: sqrt`, "
-                "another `model.inner.replay.directory`, or pass the training node's --disk")
+        rcfg, node = plan.cfg.inner.replay, min(plan.cfg.gpus, gpus_per_node)
+        on_host = (plan.host_buffer + plan.stored * (rcfg.storage == "cpu")) * node
+        if on_host > host[0]:
+            fix = ("`model.inner.replay.storage: disk`" if rcfg.storage == "cpu" else
+                   "`model.inner.replay.checkpoint: every_k` with a smaller `k` (the recompute "
+                   "buffer holds k - 1 states)")
+            problems.append(f"replay keeps {_gib(on_host)} GiB in host memory per node but "
+                            f"{_gib(host[0])} GiB is {host[1]}; use {fix}, or pass the "
+                            "training node's --host_memory")
+        if rcfg.storage == "disk" and plan.stored * node > disk[0]:
+            fewer = ("`model.inner.replay.checkpoint: sqrt`" if rcfg.checkpoint == "every" else
+                     "`model.inner.replay.checkpoint: every_k` with a larger `k`")
+            problems.append(f"replay writes {_gib(plan.stored * node)} GiB of checkpoints per "
+                            f"node but {_gib(disk[0])} GiB is {disk[1]}; use {fewer}, another "
+                            "`model.inner.replay.directory`, or pass the training node's --disk")
     if problems:
         raise PlanDoesNotFit("; ".join(problems))

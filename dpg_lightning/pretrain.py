@@ -41,16 +41,19 @@ def pretrain(
     seed: int = 0,
     batch_size: int = 16,
     max_length: int = 256,
+    start_token: bool = True,
 ) -> list[float]:
     """Train ``model`` in place on ``texts`` (AdamW, random batches); returns the step losses.
 
-    Examples are tokenized exactly as the inner SFT tokenizes them (``<start> text <eos>``), so
-    what the model learns here is the same format DPG later fine-tunes on. ``requires_grad``
+    Examples are tokenized as the model will later read text: a target as the inner SFT
+    tokenizes examples (``<start> text <eos>``); a generator, whose rollouts feed prompts without
+    a start token, with ``start_token=False`` (else its positions are shifted by one at
+    generation time, a distribution it never saw). ``requires_grad``
     flags are restored afterwards (the module freezes the target).
     """
     if steps <= 0:
         return []
-    data = tokenize_examples(texts, tokenizer, max_length)
+    data = tokenize_examples(texts, tokenizer, max_length, start_token=start_token)
     device = next(model.parameters()).device
     flags = [p.requires_grad for p in model.parameters()]
     model.requires_grad_(True)
@@ -73,12 +76,15 @@ def pretrain(
     return losses
 
 
-def maybe_pretrain(model: nn.Module, tokenizer, cfg: ModelConfig) -> list[float]:
+def maybe_pretrain(
+    model: nn.Module, tokenizer, cfg: ModelConfig, start_token: bool = True
+) -> list[float]:
     """Pretrain ``model`` if ``cfg`` names corpora and steps; else do nothing."""
     if not cfg.pretrain_files or not cfg.pretrain_steps:
         return []
     texts = read_texts(cfg.pretrain_files)
-    return pretrain(model, tokenizer, texts, cfg.pretrain_steps, cfg.pretrain_lr, cfg.seed)
+    return pretrain(model, tokenizer, texts, cfg.pretrain_steps, cfg.pretrain_lr, cfg.seed,
+                    start_token=start_token)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,15 +26,17 @@ hidden, ``f`` MLP width, ``a`` heads, ``s`` sequence):
 
 These integers were read off the op list and confirmed by tracing every allocation of a tiny
 model (``benchmarks/plan_check.py --terms``); the assembled model is checked against measured
-peaks at two shapes (``benchmarks/README.md``, "Planner check").
+peaks at several shapes and settings (``benchmarks/README.md``, "Planner check").
 
 **The loss head.** The loss runs in fp32 over ``rows x s x vocab`` logits; with GPT-2's 50257
 tokens at 128 tokens per row these dominate. Logit-sized tensors alive at the peak: 4 in a
 first-order backward (log-softmax output, the NLL gradient, the logits' gradient and its
 zero-padded copy); 3 kept per step of the unrolled SFT (log-softmax output, NLL gradient,
-padded gradient that the head's gradient products read); 7 at the HVP's turn (log-softmax
-output, NLL gradient, the incoming adjoint of the logits' gradient, and the two outputs of the
-log-softmax double backward with their temporaries: 4).
+padded gradient that the head's gradient products read, also alive when a replay step's HVP
+reaches the bottom of the network); 7 at the HVP's turn (log-softmax output, NLL gradient, the
+incoming adjoint of the logits' gradient, and the two outputs of the log-softmax double
+backward with their temporaries: 4). Which moment of a replay step is the peak is
+:func:`replay_moment`'s business.
 """
 
 from __future__ import annotations
@@ -121,15 +123,6 @@ def logits_bytes(shape: ModelShape, rows: int, seq: int, copies: int, elem: int 
     return copies * rows * seq * shape.vocab * elem
 
 
-def hvp_graph_bytes(shape: ModelShape, rows: int, seq: int) -> int:
-    """One micro-batch's double-backward graph at its peak (``replay``'s reverse step):
-    forward activations + the HVP's pending gradients + 7 logit-sized tensors."""
-    elem = shape.bytes_per_param
-    return block_activation_bytes(shape, rows, seq, HVP_TURN[shape.arch], elem) + logits_bytes(
-        shape, rows, seq, LOGITS_HVP_TURN
-    )
-
-
 def unrolled_graph_bytes(shape: ModelShape, rows: int, seq: int, elem: int | None = None) -> int:
     """What the unrolled SFT (``higher``/``func``) keeps for ``rows`` rows trained on: the
     forward's and the gradient graph's tensors, 3 logit-sized tensors per row."""
@@ -177,11 +170,65 @@ class Inner:
     seq: int
     offload_adjoint: bool = False
     reward: str = "dpg"
+    shared: bool = False  # one SFT over all ranks: gradients all-reduced
+    sfts: int = 1  # SFTs per step, one after the other (sft_groups: inverse)
 
     @property
     def chunks(self) -> int:
         """Micro-batches per step on this rank."""
         return max(1, math.ceil(self.rows_per_step / self.micro_rows))
+
+
+def replay_moment(shape: ModelShape, inner: Inner) -> tuple[str, int, int]:
+    """The peak of one ``replay`` reverse step beyond the moments and the carried adjoint:
+    ``(where, weight-sized buffers, graph)`` bytes, the largest of three moments.
+
+    * *the HVP's turn at the loss head*: the whole micro-batch graph plus the HVP's pending
+      gradients (:data:`HVP_TURN`) and 7 logit-sized tensors; weight-sized: the HVP pending
+      for the weights, and the seeds ``dPhi/dg`` (kept for the later micro-batches) or, in
+      the last micro-batch, the HVP summed over the earlier ones (2; 1 when the step is one
+      micro-batch: its seeds are handed to the backward at its start).
+    * *the bottom of the HVP's descent*: the same blocks, 3 logit-sized tensors; each weight
+      now also has the forward graph's HVP part waiting to be summed with the gradient
+      graph's (one more copy), and the token embedding (read twice, by the look-up and the
+      tied head) its dense look-up scatter and the sum (2 embedding tables).
+    * *the update's VJP* (:func:`~dpg_lightning.inner.optim.update_vjp`, one parameter at a
+      time): the step's gradient turning into the seeds (1 copy) and about 5 temporaries the
+      size of the parameter being differentiated (the largest: the embedding table); with a
+      single micro-batch the step's graph is alive then (blocks as above, 3 logits).
+    * with ``distributed: shared``, the gradient's all-reduce (see the comment below; the
+      shared terms are derived from the code, not measured: no multi-rank measurement).
+
+    With one inner step there is no carried adjoint and no weight HVP (see the code).
+
+    Which one is largest depends on the shape: logits dominate the turn when
+    ``rows x seq x vocab`` is large against the weights, the descent when it is small.
+    """
+    w, k = inner.trained_bytes, slots(inner.optim, inner.momentum)
+    micro, seq = inner.micro_rows, inner.seq
+    blocks = block_activation_bytes(shape, micro, seq, HVP_TURN[shape.arch], shape.bytes_per_param)
+    table = shape.vocab * shape.hidden * shape.bytes_per_param
+    largest = max(table, shape.hidden * shape.intermediate * shape.bytes_per_param)
+    waiting = 2 if inner.chunks > 1 else 1
+    unsplit = inner.chunks == 1
+    # A shared SFT differentiates the update at the all-reduced gradient, held beside this
+    # rank's part (1 copy more at the VJP), and the all-reduce itself flattens the gradients
+    # into one buffer and sums a copy of it (3 copies, no graph).
+    vjp = (1 + int(inner.shared)) * w + 5 * largest + (1 + k) * largest * inner.offload_adjoint
+    incoming = 0  # what the carried adjoint term does not cover
+    if inner.steps == 1:
+        # The only reverse step is the first: dPhi/dparams comes in and is used up by the
+        # VJP, no adjoint goes out, and the HVP differentiates eps alone (no weight parts).
+        waiting, table, incoming = waiting - 1, 0, w
+    moments = [
+        ("the gradient's all-reduce", (3 * w + incoming) * inner.shared, 0),
+        ("the HVP's turn", waiting * w, blocks + logits_bytes(shape, micro, seq, LOGITS_HVP_TURN)),
+        ("the HVP's descent", (waiting + int(inner.steps > 1)) * w + 2 * table,
+         blocks + logits_bytes(shape, micro, seq, LOGITS_UNROLLED_STEP)),
+        ("the update's VJP", vjp + incoming, unsplit * (
+            blocks + logits_bytes(shape, micro, seq, LOGITS_UNROLLED_STEP))),
+    ]
+    return max(moments, key=lambda m: m[1] + m[2])
 
 
 def inner_terms(shape: ModelShape, inner: Inner) -> list[tuple[str, int]]:
@@ -190,15 +237,15 @@ def inner_terms(shape: ModelShape, inner: Inner) -> list[tuple[str, int]]:
     * ``replay`` (one reverse step is the peak; nothing depends on T): the optimizer moments;
       the adjoint carried from step to step (parameters + moments, ``1 + slots`` weight
       copies; none in device memory with ``offload_adjoint``); the HVP's weight-sized buffers
-      (the seeds ``dPhi/dg`` or, in the last micro-batch, the HVP accumulated over the earlier
-      ones, plus the HVP pending for the weights: 2 copies when a step has several
-      micro-batches, 1 when the step's graph is built at once); one micro-batch's
-      double-backward graph (:func:`hvp_graph_bytes`).
+      and one micro-batch's double-backward graph at the worst moment of the step
+      (:func:`replay_moment`).
     * ``higher``/``func`` (the whole SFT on the tape): every step's parameters (``higher``
       also copies the initial ones) and differentiable update (:func:`update_graph_copies`),
       the last moments, the graph of every example trained on (:func:`unrolled_graph_bytes`:
       micro-batching does not shrink it, each micro-batch's graph is kept for the step), and
-      the backward's carried adjoint and one micro-batch's extra logit-sized temporaries.
+      the larger of the last update's temporaries and what the backward adds when it starts.
+      ``Phi``'s own forward on the trained target comes on top and is not modelled (it
+      depends on the metric).
     * ``reward: dataset``: a plain SFT: moments, the gradient and its running sum, one
       micro-batch's first-order graph.
     """
@@ -212,23 +259,31 @@ def inner_terms(shape: ModelShape, inner: Inner) -> list[tuple[str, int]]:
             (f"first-order graph, {micro} rows", first_order_bytes(shape, micro, inner.seq)),
         ]
     if inner.backend == "replay":
-        adjoint = 0 if inner.offload_adjoint else (1 + k) * w
-        hvp = 2 if inner.chunks > 1 else 1
+        adjoint = 0 if inner.offload_adjoint or inner.steps == 1 else (1 + k) * w
+        moment, hvp, graph = replay_moment(shape, inner)
         return [
             ("inner optimizer state", k * w),
             ("carried adjoint" + (" (offloaded)" if inner.offload_adjoint else ""), adjoint),
-            ("HVP seeds / accumulated HVP", hvp * w),
-            (f"double-backward graph, {micro} rows", hvp_graph_bytes(shape, micro, inner.seq)),
+            (f"HVP buffers, at {moment}", hvp),
+            (f"double-backward graph, {micro} rows", graph),
         ]
     versions = inner.steps + (1 if inner.backend == "higher" else 0)
-    turn = logits_bytes(shape, micro, inner.seq, LOGITS_HVP_TURN - LOGITS_UNROLLED_STEP)
+    copies = update_graph_copies(inner.optim)
+    # The last moment on top of the kept graph: the last update's temporaries (the decayed
+    # weights and the step being subtracted; SGD: the step), or the backward's start, which
+    # has freed the last update's graph and holds the adjoint, the seeds dPhi/dg and the
+    # HVP's turn of one micro-batch (4 logit-sized tensors more than the kept 3).
+    temporaries = (2 if copies else 1) * w
+    backward = (2 + k - copies) * w + logits_bytes(
+        shape, micro, inner.seq, LOGITS_HVP_TURN - LOGITS_UNROLLED_STEP)
+    last = (("last update's temporaries", temporaries) if temporaries >= backward
+            else ("backward: adjoint, seeds, HVP turn", backward))
     return [
         (f"parameters of {versions} steps", versions * w),
-        (f"update graphs of {inner.steps} steps + moments",
-         (inner.steps * update_graph_copies(inner.optim) + k) * w),
+        (f"update graphs of {inner.steps} steps + moments", (inner.steps * copies + k) * w),
         (f"unrolled graph, {inner.rows_total} rows",
          unrolled_graph_bytes(shape, inner.rows_total, inner.seq)),
-        ("backward: adjoint + HVP turn", (1 + k) * w + turn),
+        last,
     ]
 
 
@@ -254,6 +309,7 @@ class Rollout:
     new: int  # max_new_tokens
     chunk: int  # rows per generate / no-grad scoring call
     minibatch: int  # rows per policy-update minibatch
+    updates: int  # minibatches (optimizer steps) per pass
     compute_bytes: int  # activation dtype (2 under bf16 precision)
     reference: bool  # policy.beta > 0
 
@@ -263,7 +319,8 @@ def generator_persistent(shape: ModelShape, reference: bool) -> list[tuple[str, 
     the last update until the next ``zero_grad``), AdamW's two moments (in the parameters'
     dtype, as ``torch.optim.AdamW`` keeps them) and the frozen reference copy."""
     w = shape.params * shape.bytes_per_param
-    items = [("generator weights", w), ("generator gradients", w), ("AdamW state (2 moments)", 2 * w)]
+    items = [("generator weights", w), ("generator gradients", w),
+             ("AdamW state (2 moments)", 2 * w)]
     if reference:
         items.append(("reference copy (policy.beta > 0)", w))
     return items
@@ -321,8 +378,8 @@ def step_flops(gen: ModelShape, target: ModelShape, r: Rollout, inner: Inner,
     """
     tokens = r.rows * (r.prompt + r.new)
     p_gen, p_t = gen.matmul_params, target.matmul_params
-    sft_step = 6 * p_t * inner.rows_per_step * inner.seq
-    sft = 6 * p_t * inner.rows_total * inner.seq
+    sft_step = 6 * p_t * inner.rows_per_step * inner.seq * inner.sfts
+    sft = 6 * p_t * inner.rows_total * inner.seq * inner.sfts
     if inner.reward == "dataset":
         attribution = 0.0
     elif inner.backend == "replay":
@@ -400,41 +457,35 @@ def _from_auto_config(name: str) -> ModelShape | None:
 
 
 def resolve_shape(mc: ModelConfig, key: str, given: str | None) -> tuple[ModelShape, str]:
-    """``(shape, where it came from)`` of the model ``mc`` describes at ``key``."""
-    size = DTYPE_BYTES[mc.dtype]
+    """``(shape, where it came from)`` of the model ``mc`` describes at ``key``: ``given``
+    (``--generator_shape``/``--target_shape``), else built from ``mc``'s fields, else
+    ``transformers.AutoConfig`` from a local directory or the local hub cache, else
+    :data:`KNOWN_SHAPES`; ``untie_lm_head`` and ``dtype`` applied to every one."""
+    option = f"--{key.split('.')[-1]}_shape"
+    ask = f"give the shape: `{option} {SHAPE_KEYS.replace(', ', '=..,')}=..`"
     if given:
-        return parse_shape(given, f"--{key.split('.')[-1]}_shape", size), "given on the command line"
-    if mc.pretrained is None:
-        vocab, source = BYTE_VOCAB, "byte tokenizer"
+        shape, where = parse_shape(given, option, 4), f"given with {option}"
+    elif mc.pretrained is None:
+        vocab, where = BYTE_VOCAB, "built from config, byte tokenizer"
         if mc.tokenizer is not None:
             known = KNOWN_SHAPES.get(mc.tokenizer) or _from_auto_config(mc.tokenizer)
             if known is None:
-                raise ConfigError(
-                    f"`{key}.tokenizer: {mc.tokenizer}`: its vocabulary size is not known here "
-                    f"(not cached, not built in); give the shape with `--{key.split('.')[-1]}"
-                    f"_shape {SHAPE_KEYS.replace(', ', '=..,')}=..`"
-                )
-            vocab, source = known.vocab, f"tokenizer {mc.tokenizer}"
-        tied = mc.arch == "gpt2" or mc.tie_word_embeddings
+                raise ConfigError(f"`{key}.tokenizer: {mc.tokenizer}`: its vocabulary size is "
+                                  f"not known here (not cached, not built in); {ask}")
+            vocab, where = known.vocab, f"built from config, tokenizer {mc.tokenizer}"
         shape = ModelShape(
             mc.arch, vocab, mc.hidden_size, mc.num_layers, mc.num_heads, mc.num_heads,
             mc.intermediate_size, mc.max_position_embeddings if mc.arch == "gpt2" else 0,
-            tied and not getattr(mc, "untie_lm_head", False), size,
+            mc.arch == "gpt2" or mc.tie_word_embeddings,
         )
-        return shape, f"built from config, {source}"
-    shape = _from_auto_config(mc.pretrained)
-    where = "transformers.AutoConfig, local"
-    if shape is None and mc.pretrained in KNOWN_SHAPES:
-        shape, where = KNOWN_SHAPES[mc.pretrained], "built-in, from its public config.json"
-    if shape is None:
-        raise ConfigError(
-            f"`{key}.pretrained: {mc.pretrained}`: its shape is not in the local hub cache and "
-            "not built in, and plan uses no network; download it once (its config.json is "
-            f"enough) or give the shape: `--{key.split('.')[-1]}_shape "
-            f"{SHAPE_KEYS.replace(', ', '=..,')}=..`"
-        )
-    if getattr(mc, "untie_lm_head", False):
-        shape = replace(shape, tied=False)
-    return replace(shape, bytes_per_param=size), where
-
-
+    else:
+        shape, where = _from_auto_config(mc.pretrained), "transformers.AutoConfig, local"
+        if shape is None and mc.pretrained in KNOWN_SHAPES:
+            shape, where = KNOWN_SHAPES[mc.pretrained], "built-in, from its public config.json"
+        if shape is None:
+            raise ConfigError(
+                f"`{key}.pretrained: {mc.pretrained}`: its shape is not in the local hub cache "
+                f"and not built in, and plan uses no network; download it once (its "
+                f"config.json is enough) or {ask}")
+    tied = shape.tied and not getattr(mc, "untie_lm_head", False)
+    return replace(shape, tied=tied, bytes_per_param=DTYPE_BYTES[mc.dtype]), where

@@ -49,6 +49,8 @@ CORE = [
     "dpg_lightning.step_output",
     "dpg_lightning.text_sources",
     "dpg_lightning.divergence",
+    "dpg_lightning.step_cost",
+    "dpg_lightning.hub",
     "dpg_lightning.threads",
 ]
 
