@@ -53,13 +53,13 @@ from dpg_lightning.inner import (
     metagradient_rewards,
     per_example_loss,
 )
+from dpg_lightning.model_shapes import ModelShape
 from dpg_lightning.models import ModelConfig, build_model
 from dpg_lightning.step_cost import (
     FIRST_ORDER,
     HVP_TURN,
     LOGITS_HVP_TURN,
     Inner,
-    ModelShape,
     inner_terms,
 )
 from dpg_lightning.tokenization import TokenRows

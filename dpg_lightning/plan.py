@@ -29,21 +29,19 @@ from dpg_lightning.data import PromptDataModule
 from dpg_lightning.errors import ConfigError, RunError
 from dpg_lightning.inner import InnerConfig
 from dpg_lightning.inner.replay_storage import checkpoint_steps
+from dpg_lightning.model_shapes import SHAPE_KEYS, ModelShape, resolve_shape
 from dpg_lightning.models import ModelConfig
 from dpg_lightning.module import DPGModule
 from dpg_lightning.policy import PolicyConfig
 from dpg_lightning.rollout import SamplingConfig
 from dpg_lightning.step_cost import (
-    SHAPE_KEYS,
     GiB,
     Inner,
-    ModelShape,
     Rollout,
     checkpoint_bytes,
     generator_persistent,
     inner_terms,
     policy_update_bytes,
-    resolve_shape,
     rollout_bytes,
     slots,
     step_flops,
@@ -193,6 +191,7 @@ def parser() -> ArgumentParser:
         p.add_argument(f"--{key}", type=dict | None, default=None, help="read for devices")
     p.add_argument("--seed_everything", type=bool | int | None, default=None, help="ignored")
     p.add_argument("--ckpt_path", type=str | None, default=None, help="ignored")
+    p.add_argument("--weights_only", type=bool | None, default=None, help="ignored")
     p.add_argument("--gpus", type=int | None, default=None,
                    help="ranks (default: trainer.devices x num_nodes on a GPU trainer, else 1)")
     p.add_argument("--gpus_per_node", "--gpus-per-node", type=int, default=8,

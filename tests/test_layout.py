@@ -50,6 +50,7 @@ CORE = [
     "dpg_lightning.text_sources",
     "dpg_lightning.divergence",
     "dpg_lightning.step_cost",
+    "dpg_lightning.model_shapes",
     "dpg_lightning.hub",
     "dpg_lightning.threads",
 ]

@@ -18,12 +18,11 @@ from pathlib import Path
 import pytest
 
 from dpg_lightning.cli import main
+from dpg_lightning.model_shapes import KNOWN_SHAPES, ModelShape
 from dpg_lightning.plan import config_from_args, evaluate, knobs, parser
 from dpg_lightning.step_cost import (
-    KNOWN_SHAPES,
     GiB,
     Inner,
-    ModelShape,
     Rollout,
     inner_terms,
     step_flops,
