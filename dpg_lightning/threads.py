@@ -8,8 +8,10 @@ times slower (``benchmarks/README.md``). The count chosen here is
 * the CPUs this process may run on (its affinity mask, a cgroup CPU quota, and
   ``SLURM_CPUS_PER_TASK``), shared between the ranks started on this node by Lightning
   (``LOCAL_WORLD_SIZE``);
-* minus the CPUs other processes keep busy (the 1-minute load average), when this process may
-  run on every CPU of the machine (a restricted mask or quota already excludes the others);
+* minus the CPUs other processes keep busy (measured over a quarter second from
+  ``/proc/stat`` as this process starts; the 1-minute load average where that is unreadable),
+  when this process may run on every CPU of the machine (a restricted mask or quota already
+  excludes the others);
 * at least 1.
 
 ``DPG_NUM_THREADS`` (or an explicit ``OMP_NUM_THREADS``) overrides it.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +72,27 @@ def _positive_int(value: str | None) -> int | None:
     return number if number and number > 0 else None
 
 
+def busy_cpus(window: float = 0.25) -> float | None:
+    """CPUs kept busy by other processes right now: the machine's busy share over ``window``
+    seconds (while this process sleeps) times its CPU count; ``None`` where ``/proc/stat`` is
+    not readable. The load average would lag a busy neighbour by a minute."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(window)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (1 - (idle1 - idle0) / (total1 - total0)) * (os.cpu_count() or 1)
+
+
 def choose_threads() -> ThreadChoice:
     """The intra-op thread count for this process (see the module docstring)."""
     for name in ("DPG_NUM_THREADS", "OMP_NUM_THREADS"):
@@ -77,8 +101,11 @@ def choose_threads() -> ThreadChoice:
             return ThreadChoice(forced, forced, 0, name)
     usable, restricted = usable_cpus()
     busy = 0
-    if not restricted and hasattr(os, "getloadavg"):
-        busy = min(usable - 1, round(os.getloadavg()[0]))
+    if not restricted:
+        measured = busy_cpus()
+        if measured is None and hasattr(os, "getloadavg"):
+            measured = os.getloadavg()[0]
+        busy = min(usable - 1, round(measured or 0))
     return ThreadChoice(max(1, usable - busy), usable, busy, "available CPUs")
 
 

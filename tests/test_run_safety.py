@@ -380,8 +380,11 @@ def test_threads_follow_the_cpus_this_process_can_use(monkeypatch):
     monkeypatch.setattr(threads, "_cgroup_cpus", lambda: None)
     monkeypatch.setattr(threads.os, "cpu_count", lambda: 8)
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: set(range(8)))
-    monkeypatch.setattr(threads.os, "getloadavg", lambda: (3.2, 1.0, 1.0))
+    monkeypatch.setattr(threads, "busy_cpus", lambda: 3.2)
     assert choose_threads().threads == 5  # 8 CPUs, about 3 busy with other work
+    monkeypatch.setattr(threads, "busy_cpus", lambda: None)  # no /proc/stat: the load average
+    monkeypatch.setattr(threads.os, "getloadavg", lambda: (1.6, 1.0, 1.0))
+    assert choose_threads().threads == 6
     monkeypatch.setattr(threads.os, "sched_getaffinity", lambda pid: {0, 1})
     assert choose_threads().threads == 2  # a restricted mask: others' load is elsewhere
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
