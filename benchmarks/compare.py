@@ -1,118 +1,99 @@
-"""DPG vs the dataset-level reward vs the untrained generator, on the tiny tasks, over seeds.
+"""DPG vs the dataset-level reward vs the untrained generator, on the five tiny tasks, over seeds.
 
-For each task (a tiny config) and seed, two runs with the *same* number of generated examples
-(same steps, prompts per step and samples per prompt): ``reward: dpg`` and ``reward: dataset``.
-The untrained generator is the step-0 validation of the same seed (logged before any update).
-The readout is the task's human-facing number after plain SFT of a fresh target on a fixed-seed
-sample of the generator (``DPGModule.evaluate``). Writes a Markdown table (mean ± std over seeds)
-and a plot of the readout over steps.
+Each (task, reward, seed) runs the real CLI in-process: ``python -m dpg_lightning fit --config
+configs/tiny/<task>.yaml --model.reward=<reward>`` with every seed set to the run's seed
+(``seed_everything``, ``model.seed``, ``model.generator.seed``, ``data.seed``; the target stays
+the config's), its own run directory under ``--out``, no progress bar. Both rewards of a seed
+generate the same examples count (only ``model.reward`` differs); the untrained generator is the
+step-0 validation of the same seed. Readouts are the validations' (plain SFT of the initial
+target on a fixed-seed sample of the generator), read back from the run's ``metrics.csv``. The
+language task adds ``es_share``: the share of the generator's validation samples that a
+character n-gram classifier puts in Spanish (``GeneratorLanguageShare``, an observing callback
+on the validation's own samples). After a run of an LM-head pattern task (67, QR) the trained
+module draws its patch once more (final validation sample, plain SFT) for the figure.
 
-    python benchmarks/compare.py --tasks sixty_seven l2_norm --seeds 0 1 2 --steps 150
+Each run appends a JSON row to ``<results>/tiny_compare.jsonl``; ``tiny_compare.md`` is rebuilt
+from it (per task its latest runs, so a task run alone replaces only its rows) and
+``tiny_<task>.png`` is drawn for the tasks run (``benchmarks/figures.py``). A run whose ok row
+exists for the same commit and config is skipped unless ``--force``; a failed run is a row (the
+table counts it), never the end of the comparison.
 
-Runs are built in Python from the YAML (not through the CLI) so the benchmark can bind the
-target tokenizer to text objectives and pretrain the language proxy's models itself; it does
-the same work as ``python -m dpg_lightning fit --config configs/tiny/<task>.yaml``.
+    python benchmarks/compare.py                          # all five tasks, seeds 0 1 2
+    python benchmarks/compare.py --task qr --task uuid    # reproduce these rows
+    python benchmarks/compare.py --task qr --seeds 0 --steps 2 --dry-run
+    python benchmarks/compare.py --task qr --steps 2 -- --data.num_prompts=2   # extra CLI args
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
-import importlib
+import gc
+import hashlib
 import json
+import os
+import platform
+import shlex
 import statistics
+import subprocess
 import sys
 import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import lightning as L
-import torch
-import yaml
-from lightning.pytorch.loggers import CSVLogger
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dpg_lightning.data import PromptDataModule  # noqa: E402
-from dpg_lightning.inner import InnerConfig, InnerOptimConfig, trainable_names  # noqa: E402
-from dpg_lightning.models import ModelConfig, load_tokenizer  # noqa: E402
-from dpg_lightning.module import DPGModule  # noqa: E402
-from dpg_lightning.objectives import check_objective  # noqa: E402
-from dpg_lightning.policy import PolicyConfig  # noqa: E402
-from dpg_lightning.pretrain import pretrain, read_texts  # noqa: E402
-from dpg_lightning.rollout import SamplingConfig, sample_rollout  # noqa: E402
+RESULTS = ROOT / "benchmarks/results"
+REWARDS = ("dataset", "dpg")
+LANGUAGE_SHARE = "benchmarks.compare.GeneratorLanguageShare"
 
-#: task -> (config, readout key, "higher"/"lower" is better)
-TASKS: dict[str, tuple[str, str, str]] = {
-    "sixty_seven": ("configs/tiny/sixty_seven.yaml", "pixel_accuracy", "higher"),
-    "qr": ("configs/tiny/qr.yaml", "pixel_accuracy", "higher"),
-    "l2_norm": ("configs/tiny/l2_norm.yaml", "lm_head_norm", "lower"),
-    "uuid": ("configs/tiny/uuid.yaml", "sequence_loss", "lower"),
-    "language": ("configs/tiny/language.yaml", "last_word_loss", "lower"),
+
+@dataclass(frozen=True)
+class Task:
+    config: str
+    #: (validation readout, "higher"/"lower" is better), in table order
+    readouts: tuple[tuple[str, str], ...]
+    #: the readout that ranks seeds for the drawn patch (LM-head pattern tasks only)
+    pattern_key: str | None = None
+    #: CLI arguments every run of the task adds
+    args: tuple[str, ...] = field(default_factory=tuple)
+
+
+TASKS: dict[str, Task] = {
+    "l2_norm": Task("configs/tiny/l2_norm.yaml", (("lm_head_norm", "lower"),)),
+    "sixty_seven": Task("configs/tiny/sixty_seven.yaml", (("pixel_accuracy", "higher"),),
+                        pattern_key="pixel_accuracy"),
+    "qr": Task("configs/tiny/qr.yaml", (("qr_decodes", "higher"), ("pixel_accuracy", "higher")),
+               pattern_key="pixel_accuracy"),
+    "uuid": Task("configs/tiny/uuid.yaml", (("text_emitted_share", "higher"),
+                                            ("text_prefix_share", "higher"),
+                                            ("sequence_loss", "lower"))),
+    "language": Task("configs/tiny/language.yaml",
+                     (("last_word_loss", "lower"), ("es_share", "higher")),
+                     args=(f"--trainer.callbacks+={LANGUAGE_SHARE}",)),
 }
-PRETRAIN_KEYS = ("pretrain_files", "pretrain_steps", "pretrain_lr")
+MEANING = {
+    "lm_head_norm": "target's LM-head norm after SFT",
+    "pixel_accuracy": "share of patch entries that moved their pixel's way",
+    "qr_decodes": "the drawn patch reads (zxing) as the QR code's text",
+    "text_emitted_share": "generator's validation samples containing the UUID",
+    "text_prefix_share": "longest UUID prefix in a sample, share of its length",
+    "sequence_loss": "target's mean token loss on the UUID after SFT",
+    "last_word_loss": "target's loss on the last word of Spanish passages after SFT",
+    "es_share": "generator's validation samples classified as Spanish",
+}
 
 
-def _model_config(d: dict) -> tuple[ModelConfig, dict]:
-    d = dict(d)
-    extra = {k: d.pop(k) for k in PRETRAIN_KEYS if k in d}
-    return ModelConfig(**d), extra
-
-
-def _instantiate(spec: dict):
-    module, _, name = spec["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
-
-
-def build_run(cfg: dict, reward: str, seed: int) -> tuple[DPGModule, PromptDataModule]:
-    """The module and data of one run of ``cfg`` (a loaded tiny YAML) at ``seed``."""
-    m = copy.deepcopy(cfg["model"])
-    gen_cfg, gen_pre = _model_config(m.get("generator", {}))
-    tgt_cfg, tgt_pre = _model_config(m.get("target", {}))
-    gen_cfg.seed = seed  # a different initial generator per seed; the target stays fixed
-    metric = _instantiate(m["metric"])
-    metric.bind_tokenizer(load_tokenizer(tgt_cfg))
-    inner = dict(m.get("inner", {}))
-    optim = dict(inner.pop("optim", {}))
-    if "betas" in optim:
-        optim["betas"] = tuple(optim["betas"])
-    policy = dict(m.get("policy", {}))
-    if "betas" in policy:
-        policy["betas"] = tuple(policy["betas"])
-    module = DPGModule(
-        generator=gen_cfg,
-        target=tgt_cfg,
-        metric=metric,
-        inner=InnerConfig(optim=InnerOptimConfig(**optim), **inner),
-        sampling=SamplingConfig(**m.get("sampling", {})),
-        policy=PolicyConfig(**policy),
-        reward=reward,
-        seed=seed,
-    )
-    if gen_pre or tgt_pre:
-        # The language proxy: pretrain in-process, then redo the objective's start-up checks
-        # on the pretrained target (they ran on the random one inside DPGModule.__init__).
-        for model, tok, pre, s in (
-            (module.generator, module.gen_tokenizer, gen_pre, seed),
-            (module.target, module.target_tokenizer, tgt_pre, 1000),
-        ):
-            if pre.get("pretrain_files") and pre.get("pretrain_steps"):
-                texts = read_texts(pre["pretrain_files"])
-                pretrain(model, tok, texts, pre["pretrain_steps"], pre.get("pretrain_lr", 3e-3), s)
-        module.metric.setup(module.target)
-        names = trainable_names(module.target, module.inner.train_params)
-        module.phi_initial = check_objective(module.metric, module.target, names)
-    d = dict(cfg["data"])
-    d["seed"] = seed
-    return module, PromptDataModule(**d)
-
+# --------------------------------------------------------------------------- the language share
 
 def language_share(texts: list[str], source: list[str], new: list[str], n: int = 3) -> float:
-    """Share of ``texts`` that a character n-gram naive Bayes assigns to the ``new`` language.
-
-    Trained on the two bundled corpora; a crude detector, but the same one for every method.
-    """
+    """Share of ``texts`` that a character n-gram naive Bayes, trained on the two corpora,
+    assigns to the ``new`` language. Crude, but the same detector for every method."""
     import math
     from collections import Counter
 
@@ -123,169 +104,387 @@ def language_share(texts: list[str], source: list[str], new: list[str], n: int =
     counts = [Counter(g for line in corpus for g in grams(line)) for corpus in (source, new)]
     totals = [sum(c.values()) + 1 for c in counts]
     vocab = len(set(counts[0]) | set(counts[1])) + 1
-    votes = []
-    for text in texts:
-        score = [
-            sum(math.log((c[g] + 1) / (tot + vocab)) for g in grams(text))
-            for c, tot in zip(counts, totals, strict=True)
-        ]
-        votes.append(score[1] > score[0])
+    votes = [
+        sum(math.log((counts[1][g] + 1) / (totals[1] + vocab)) for g in grams(t))
+        > sum(math.log((counts[0][g] + 1) / (totals[0] + vocab)) for g in grams(t))
+        for t in texts
+    ]
     return sum(votes) / max(len(votes), 1)
 
 
-def generator_language_share(module: DPGModule, prompts: list[str], seed: int) -> float:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 777)
-        rollout = sample_rollout(module.generator, module.gen_tokenizer, prompts, module.sampling)
-    en = read_texts(str(ROOT / "configs/tiny/data/en.txt"))
-    es = read_texts(str(ROOT / "configs/tiny/data/es.txt"))
-    return language_share(rollout.texts, en, es)
+class GeneratorLanguageShare(L.Callback):
+    """Adds ``es_share`` (:func:`language_share` of the validation samples) to the metric's
+    ``readout_samples``, so every validation, the step-0 one included, logs ``val/es_share``
+    from the very samples it trains the target on."""
+
+    def __init__(self, source_file: str = "configs/tiny/data/en.txt",
+                 new_file: str = "configs/tiny/data/es.txt", key: str = "es_share") -> None:
+        from dpg_lightning.pretrain import read_texts
+
+        super().__init__()
+        self.source, self.new, self.key = read_texts(source_file), read_texts(new_file), key
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        metric = pl_module.metric
+        original = metric.readout_samples
+        if getattr(original, "adds_language_share", False):
+            return
+
+        def readout_samples(texts: list[str]) -> dict[str, float]:
+            return {**original(texts), self.key: language_share(texts, self.source, self.new)}
+
+        readout_samples.adds_language_share = True
+        metric.readout_samples = readout_samples  # an instance attribute: never checkpointed
 
 
-def run_one(task: str, reward: str, seed: int, steps: int, val_every: int, out: Path) -> dict:
-    """Train one run; returns ``{"curve": [(step, readout)], "final":..., "initial":...}``."""
-    config, key, _ = TASKS[task]
-    cfg = yaml.safe_load((ROOT / config).read_text())
-    L.seed_everything(seed, workers=True, verbose=False)
-    module, data = build_run(cfg, reward, seed)
-    val_prompts = next(iter(data.val_dataloader()))
-    extra: dict[str, float] = {}
-    if task == "language":
-        extra["share_initial"] = generator_language_share(module, val_prompts, seed)
-    logger = CSVLogger(out, name=f"{task}_{reward}_s{seed}")
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        val_check_interval=val_every,
-        check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        inference_mode=False,
-        logger=logger,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        log_every_n_steps=1,
-    )
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    rows = list(csv.DictReader(open(Path(logger.log_dir) / "metrics.csv")))
-    curve = [(int(r["step"]), float(r[f"val/{key}"])) for r in rows if r.get(f"val/{key}")]
-    if task == "language":
-        extra["share_final"] = generator_language_share(module, val_prompts, seed)
-    return {
-        "task": task, "reward": reward, "seed": seed, "key": key, "curve": curve,
-        "initial": curve[0][1], "final": curve[-1][1], "seconds": time.perf_counter() - start,
-        **extra,
-    }
+# --------------------------------------------------------------------------- one run
+
+def git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
 
 
-def _fmt(values: list[float]) -> str:
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    import torch
+
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{cpu}, {usable} usable CPUs, DPG_NUM_THREADS={os.environ.get('DPG_NUM_THREADS', '-')}"
+            f", torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def config_hash(task: str, steps: int | None, extra: list[str]) -> str:
+    """What decides a run's result besides code and seed: the config file, the task's and the
+    user's extra arguments and the step override."""
+    spec = TASKS[task]
+    blob = json.dumps([(ROOT / spec.config).read_text(), list(spec.args), steps, extra])
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cli_args(task: str, reward: str, seed: int, steps: int | None, extra: list[str],
+             out: Path) -> list[str]:
+    run_dir = out / f"{task}_{reward}_s{seed}"
+    return [
+        "fit", "--config", TASKS[task].config, f"--seed_everything={seed}", f"--model.seed={seed}",
+        f"--model.generator.seed={seed}", f"--data.seed={seed}", f"--model.reward={reward}",
+        f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
+        "--trainer.enable_progress_bar=false",
+        *([f"--trainer.max_steps={steps}"] if steps is not None else []),
+        *TASKS[task].args, *extra,
+    ]
+
+
+def read_curve(metrics_csv: Path) -> list[list]:
+    """``[[updates, {readout: value}], ...]`` from a run's ``metrics.csv``: one point per
+    validation. The step-0 validation (logged before training, no epoch) is 0 updates; a
+    validation logged at step s follows s + 1 updates."""
+    points: dict[int, dict[str, float]] = {}
+    with open(metrics_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            values = {k[4:]: float(v) for k, v in row.items()
+                      if k and k.startswith("val/") and v not in ("", None)}
+            if values:
+                updates = 0 if not row.get("epoch") else int(float(row["step"])) + 1
+                points.setdefault(updates, {}).update(values)
+    return [[s, points[s]] for s in sorted(points)]
+
+
+def drawn_patch(cli, final: dict[str, float]) -> dict:
+    """The LM-head patch the trained generator draws: its validation sample (the validation's
+    seed and prompts), plain SFT of the initial target (``sft_on_texts``), ``metric.delta``."""
+    import numpy as np
+    import torch
+
+    from dpg_lightning.patterns import decode_qr
+    from dpg_lightning.rollout import sample_rollout
+    from dpg_lightning.seeds import derive_seed
+
+    module, metric = cli.model, cli.model.metric
+    prompts = next(iter(cli.datamodule.val_dataloader()))
+    devices = [module.device] if module.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), cli.trainer.precision_plugin.forward_context():
+        torch.manual_seed(derive_seed(module.seed, "validation"))
+        texts = sample_rollout(module.generator, module.gen_tokenizer, prompts,
+                               module.val_sampling).texts
+    captured: dict[str, torch.Tensor] = {}
+
+    def capture(target):
+        captured["delta"] = metric.delta(target).detach().float().cpu()
+        return metric(target)
+
+    module.sft_on_texts(texts, capture)
+    delta = captured["delta"]
+    accuracy = float((torch.sign(delta) == metric.signs.to(delta.dtype)).float().mean())
+    drawn = (metric.ink_sign * torch.sign(delta)).to(torch.int8).numpy()
+    patch = {"drawn": drawn.tolist(), "target": np.asarray(metric.bitmap).tolist(),
+             "pixel_accuracy": accuracy,
+             "matches_last_validation": abs(accuracy - final.get("pixel_accuracy", -1)) < 1e-6}
+    if metric.image in ("qr", "qr_official"):
+        patch["qr_text"] = decode_qr(drawn == 1)
+    return patch
+
+
+def run_one(task: str, reward: str, seed: int, args: argparse.Namespace, extra: list[str],
+            base: dict) -> dict:
+    """One CLI run; its jsonl row (``status`` ``ok`` or ``failed``, never raises but for a
+    SIGINT/SIGTERM stop, which ends the comparison)."""
+    from dpg_lightning.cli import main as dpg_main
+
+    argv = cli_args(task, reward, seed, args.steps, extra, args.out)
+    run_dir = args.out / f"{task}_{reward}_s{seed}"
+    before = set(run_dir.glob("*/version_*"))
+    row = {**base, "task": task, "reward": reward, "seed": seed, "config": TASKS[task].config,
+           "cli": ["python", "-m", "dpg_lightning", *argv], "status": "failed"}
+    start, cli, script_argv = time.perf_counter(), None, sys.argv
+    sys.argv = [sys.argv[0]]  # LightningCLI reads `argv` only; it warns when sys.argv has more
+    try:
+        cli = dpg_main(argv)
+        row["status"] = "ok"
+    except SystemExit as err:
+        if err.code in (130, 143):  # Ctrl-C / SIGTERM: the run checkpointed; stop here
+            raise
+        row["error"] = f"exit status {err.code}"
+    except Exception as err:  # noqa: BLE001 - one failed run is a row, not the end
+        row["error"] = f"{type(err).__name__}: {err}"
+        traceback.print_exc()
+    finally:
+        sys.argv = script_argv
+    row["wall_s"] = round(time.perf_counter() - start, 2)
+    if cli is not None:
+        log_dir = Path(cli.trainer.log_dir)
+        row["steps"], row["updates"] = cli.trainer.max_steps, cli.trainer.global_step
+        row["examples_per_step"] = (cli.datamodule.num_prompts
+                                    * cli.model.sampling.samples_per_prompt)
+    else:
+        new = sorted(set(run_dir.glob("*/version_*")) - before, key=lambda p: p.stat().st_mtime)
+        log_dir = new[-1] if new else None
+    row["run_dir"] = str(log_dir) if log_dir else None
+    if log_dir and (log_dir / "metrics.csv").is_file():
+        row["curve"] = read_curve(log_dir / "metrics.csv")
+    if row.get("curve"):
+        row["untrained"] = row["curve"][0][1] if row["curve"][0][0] == 0 else {}
+        row["final"] = row["curve"][-1][1]
+    elif row["status"] == "ok":
+        row["status"], row["error"] = "failed", "no validation in metrics.csv"
+    if row["status"] == "ok" and TASKS[task].pattern_key:
+        try:
+            row["patch"] = drawn_patch(cli, row["final"])
+        except Exception as err:  # noqa: BLE001 - the figure loses a panel, the run stays
+            row["patch_error"] = f"{type(err).__name__}: {err}"
+    del cli
+    gc.collect()
+    return row
+
+
+# --------------------------------------------------------------------------- results
+
+def load_rows(path: Path) -> list[dict]:
+    """The jsonl rows; rows of the previous script (no ``status``) are read as ``legacy``."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        r = json.loads(line)
+        if "status" not in r:  # old compare.py: one readout, raw csv steps, its own share
+            curve = [[0 if i == 0 else s + 1, {r["key"]: v}] for i, (s, v) in enumerate(r["curve"])]
+            r = {"task": r["task"], "reward": r["reward"], "seed": r["seed"], "status": "ok",
+                 "commit": "legacy", "config_hash": "legacy", "wall_s": r["seconds"],
+                 "steps": curve[-1][0], "curve": curve,
+                 "untrained": {r["key"]: r["initial"], **({"es_share": r["share_initial"]}
+                                                         if "share_initial" in r else {})},
+                 "final": {r["key"]: r["final"], **({"es_share": r["share_final"]}
+                                                   if "share_final" in r else {})}}
+        rows.append(r)
+    return rows
+
+
+def latest_runs(rows: list[dict], task: str) -> list[dict]:
+    """The task's rows of its latest (commit, config) group, the latest per (reward, seed)."""
+    rows = [r for r in rows if r["task"] == task]
+    if not rows:
+        return []
+    group = (rows[-1].get("commit"), rows[-1].get("config_hash"))
+    latest = {(r["reward"], r["seed"]): r for r in rows
+              if (r.get("commit"), r.get("config_hash")) == group}
+    return sorted(latest.values(), key=lambda r: (r["reward"], r["seed"]))
+
+
+def fmt(values: list[float]) -> str:
     if not values:
         return "-"
-    mean = statistics.mean(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.4f} ± {std:.4f}"
+    return f"{statistics.fmean(values):.4f} ± {std:.4f}"
 
 
-def write_report(results: list[dict], out: Path, steps: int | str, note: str) -> None:
-    """Markdown table (mean ± std over seeds) and a plot of the readout curves."""
-    lines = [
-        "# DPG vs dataset-level reward vs untrained generator (tiny CPU tasks)",
-        "",
-        f"{steps} generator steps per run; same prompts per step and samples per prompt for both "
-        "rewards (equal numbers of generated examples). Readout after plain SFT of the initial "
-        "target on a fixed-seed validation sample. mean ± std over seeds. " + note,
-        "",
-        "| task | readout | better | untrained | dataset reward | DPG | seeds | steps |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for task in TASKS:
-        rs = [r for r in results if r["task"] == task]
-        if not rs:
-            continue
-        _, key, better = TASKS[task]
-        dpg = [r for r in rs if r["reward"] == "dpg"]
-        ds = [r for r in rs if r["reward"] == "dataset"]
-        untrained = [r["initial"] for r in dpg or ds]
-        seeds = sorted({r["seed"] for r in rs})
-        n_steps = "/".join(sorted({str(r["curve"][-1][0] + 1) for r in rs}))
+def cell(rows: list[dict], key: str, which: str = "final") -> str:
+    ok = [r[which][key] for r in rows if r["status"] == "ok" and key in r.get(which, {})]
+    failed = sum(r["status"] != "ok" for r in rows)
+    return fmt(ok) + (f" ({failed} failed)" if failed else "")
+
+
+def task_lines(task: str, runs: list[dict]) -> tuple[list[str], list[str]]:
+    """The task's lines of the results table and of the runs table."""
+    by = {reward: [r for r in runs if r["reward"] == reward] for reward in REWARDS}
+    ok = [r for r in runs if r["status"] == "ok"]
+    untrained_from = [r for r in by["dpg"] if r["status"] == "ok"] or ok
+    walls = " / ".join(f"{statistics.fmean(r['wall_s'] for r in by[w]):.1f}" if by[w] else "-"
+                       for w in REWARDS)
+    lines = []
+    for i, (key, better) in enumerate(TASKS[task].readouts):
+        untrained = cell(untrained_from, key, "untrained")
         lines.append(
-            f"| {task} | {key} | {better} | {_fmt(untrained)} | {_fmt([r['final'] for r in ds])} "
-            f"| {_fmt([r['final'] for r in dpg])} | {len(seeds)} | {n_steps} |"
-        )
-        if task == "language":
-            for name, group in (("dataset", ds), ("dpg", dpg)):
-                if group:
-                    lines.append(
-                        f"| language | share in new language ({name}) | higher | "
-                        f"{_fmt([r['share_initial'] for r in group])} | "
-                        f"{_fmt([r['share_final'] for r in group]) if name == 'dataset' else '-'}"
-                        f" | {_fmt([r['share_final'] for r in group]) if name == 'dpg' else '-'}"
-                        f" | {len(group)} | |"
-                    )
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    tasks = [t for t in TASKS if any(r["task"] == t for r in results)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.5), squeeze=False)
-    for ax, task in zip(axes[0], tasks, strict=True):
-        for r in (r for r in results if r["task"] == task):
-            steps_, values = zip(*r["curve"], strict=True)
-            color = "tab:blue" if r["reward"] == "dpg" else "tab:orange"
-            ax.plot(steps_, values, color=color, alpha=0.7, label=r["reward"])
-        handles, labels = ax.get_legend_handles_labels()
-        unique = dict(zip(labels, handles, strict=True))
-        ax.legend(unique.values(), unique.keys())
-        ax.set_title(task)
-        ax.set_xlabel("generator step")
-        ax.set_ylabel(TASKS[task][1])
-    fig.tight_layout()
-    fig.savefig(out / "compare.png", dpi=120)
+            f"| {task if i == 0 else ''} | {key} | {better} | {untrained} | "
+            f"{cell(by['dataset'], key)} | {cell(by['dpg'], key)} | {walls if i == 0 else ''} |")
+    last = runs[-1]
+    seeds = " ".join(map(str, sorted({r["seed"] for r in runs})))
+    examples = sorted({r.get("examples_per_step", 0) * r.get("updates", 0) for r in ok})
+    date = max((r.get("date", "") for r in runs), default="")[:10] or "-"
+    command = last.get("command") or "old compare.py (before the CLI-driven rework)"
+    info = (f"| {task} | `{command}` | {date} | {last.get('commit', '-')}"
+            f"{'+dirty' if last.get('dirty') else ''} | {seeds} | "
+            f"{'/'.join(sorted({str(r.get('steps', '?')) for r in runs}))} | "
+            f"{'/'.join(map(str, examples)) if examples and examples != [0] else '-'} | "
+            f"{last.get('machine', '-')} |")
+    return lines, [info]
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    ap.add_argument("--rewards", nargs="+", default=["dpg", "dataset"], choices=["dpg", "dataset"])
+def write_report(rows: list[dict], path: Path) -> None:
+    """``tiny_compare.md`` from all rows: per task its latest runs."""
+    table = ["| task | readout | better | untrained | dataset reward | DPG | wall s/run "
+             "(dataset / DPG) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    runs_table = ["| task | command | date | commit | seeds | steps | examples/run | machine |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    failures, figures = [], []
+    for task in TASKS:
+        runs = latest_runs(rows, task)
+        if not runs:
+            continue
+        lines, info = task_lines(task, runs)
+        table += lines
+        runs_table += info
+        failures += [f"- {task} {r['reward']} seed {r['seed']}: {r.get('error', '?')} "
+                     f"(`{r.get('run_dir') or '-'}`)" for r in runs if r["status"] != "ok"]
+        if (path.parent / f"tiny_{task}.png").exists():
+            figures.append(f"![{task}](tiny_{task}.png)")
+    text = [
+        "# DPG vs dataset-level reward vs untrained generator (tiny CPU tasks)", "",
+        "Written by `benchmarks/compare.py` from `tiny_compare.jsonl` (one row per run; each "
+        "task's rows here are its latest runs). Each run is `python -m dpg_lightning fit "
+        "--config configs/tiny/<task>.yaml --model.reward=<reward>` with every seed set to the "
+        "run's seed; both rewards of a seed run the same steps, prompts per step and samples per "
+        "prompt (equal numbers of generated examples). *untrained* is the step-0 validation of "
+        "the same seeds. Readouts are the last validation's: plain SFT of the initial target on "
+        "a fixed-seed sample of the generator. mean ± std over seeds; wall time is the mean of "
+        "the whole CLI call (model building and pretraining included).", "",
+        *table, "", "Readouts: " + "; ".join(f"`{k}`: {v}" for k, v in MEANING.items()) + ".", "",
+        "## Runs", "", *runs_table, "",
+    ]
+    if failures:
+        text += ["## Failed runs", "", *failures, ""]
+    if figures:
+        text += ["## Figures", "", "Learning curves (mean and range over seeds); for 67 and QR "
+                 "the patch drawn at the end (median seed) beside the target image.", "",
+                 *figures, ""]
+    path.write_text("\n".join(text))
+
+
+# --------------------------------------------------------------------------- main
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    extra: list[str] = []
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1 :]
+    ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--task", action="append", choices=list(TASKS), help="repeatable")
+    ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=[])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--val-every", type=int, default=25)
-    ap.add_argument("--out", type=Path, default=ROOT / "runs/compare")
-    ap.add_argument("--note", default="")
-    ap.add_argument("--report-only", action="store_true", help="rewrite the report from results")
+    ap.add_argument("--rewards", nargs="+", choices=REWARDS, default=["dpg", "dataset"])
+    ap.add_argument("--steps", type=int, help="override trainer.max_steps (default: the config's)")
+    ap.add_argument("--out", type=Path, default=Path("runs/compare"), help="run directories")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="where tiny_compare.{md,jsonl} and the figures go")
+    ap.add_argument("--threads", type=int, help="sets DPG_NUM_THREADS")
+    ap.add_argument("--force", action="store_true", help="rerun runs that already have a row")
+    ap.add_argument("--dry-run", action="store_true", help="print what would run")
+    ap.add_argument("--report-only", action="store_true",
+                    help="rebuild the table (and the selected tasks' figures) from the jsonl")
     args = ap.parse_args(argv)
-    args.out.mkdir(parents=True, exist_ok=True)
-    results_file = args.out / "results.jsonl"
-    done = [json.loads(line) for line in results_file.read_text().splitlines()] if (
-        results_file.exists()
-    ) else []
-    if args.report_only:
-        steps = sorted({r["curve"][-1][0] + 1 for r in done})
-        write_report(done, args.out, "/".join(map(str, steps)), args.note)
-        return
+    args.tasks = list(dict.fromkeys([*(args.task or []), *args.tasks])) or list(TASKS)
+    args.out, args.results = args.out.resolve(), args.results.resolve()
+    return args, extra
+
+
+def draw(task: str, rows: list[dict], results: Path) -> None:
+    from benchmarks.figures import task_figure
+
+    spec = TASKS[task]
+    path = task_figure(task, latest_runs(rows, task), spec.readouts,
+                       results / f"tiny_{task}.png", spec.pattern_key)
+    if path:
+        print(f"figure: {path}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse(sys.argv[1:] if argv is None else list(argv))
+    if args.threads is not None:
+        os.environ["DPG_NUM_THREADS"] = str(args.threads)
+    os.chdir(ROOT)  # configs name their files relative to the repository root
+    jsonl, report = args.results / "tiny_compare.jsonl", args.results / "tiny_compare.md"
+    rows = load_rows(jsonl)
+    commit, dirty = git("rev-parse", "--short", "HEAD") or "unknown", bool(
+        git("status", "--porcelain", "--untracked-files=no"))
+    plan = [(t, w, s) for t in args.tasks for s in args.seeds for w in args.rewards]
+    if not args.report_only:
+        args.results.mkdir(parents=True, exist_ok=True)
+        command = shlex.join(["python", "benchmarks/compare.py", *(sys.argv[1:] if argv is None
+                                                                    else argv)])
+        host = machine()
+        for task, reward, seed in plan:
+            chash = config_hash(task, args.steps, extra)
+            done = any(r["status"] == "ok" and (r["task"], r["reward"], r["seed"])
+                       == (task, reward, seed) and (r.get("commit"), r.get("config_hash"))
+                       == (commit, chash) for r in rows)
+            argv_ = cli_args(task, reward, seed, args.steps, extra, args.out)
+            if args.dry_run:
+                state = "skip (row exists)" if done and not args.force else "run"
+                print(f"[{state}] DPG_NUM_THREADS={os.environ.get('DPG_NUM_THREADS', '')} "
+                      f"{shlex.join(['python', '-m', 'dpg_lightning', *argv_])}")
+                continue
+            if done and not args.force:
+                print(f"skip {task} {reward} seed {seed}: row exists ({commit}, {chash})")
+                continue
+            base = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "commit": commit, "dirty": dirty, "config_hash": chash, "machine": host,
+                    "command": command, "extra": extra}
+            print(f"=== {task} {reward} seed {seed}", flush=True)
+            row = run_one(task, reward, seed, args, extra, base)
+            rows.append(row)
+            with jsonl.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            summary = {k: row.get(k) for k in ("task", "reward", "seed", "status", "wall_s",
+                                               "updates", "error")}
+            summary["final"] = {k: round(row.get("final", {}).get(k, float("nan")), 4)
+                                for k, _ in TASKS[task].readouts}
+            print(json.dumps(summary), flush=True)
+            write_report(rows, report)
+        if args.dry_run:
+            return 0
     for task in args.tasks:
-        for seed in args.seeds:
-            for reward in args.rewards:
-                if any(
-                    (r["task"], r["reward"], r["seed"], len(r["curve"]) and r["curve"][-1][0])
-                    == (task, reward, seed, args.steps - 1)
-                    for r in done
-                ):
-                    continue
-                result = run_one(task, reward, seed, args.steps, args.val_every, args.out)
-                done.append(result)
-                with results_file.open("a") as f:
-                    f.write(json.dumps(result) + "\n")
-                print(json.dumps({k: v for k, v in result.items() if k != "curve"}), flush=True)
-                write_report(done, args.out, args.steps, args.note)
-    write_report(done, args.out, args.steps, args.note)
+        draw(task, rows, args.results)
+    write_report(rows, report)
+    print(f"table: {report}")
+    ok = all(r["status"] == "ok" for t in args.tasks for r in latest_runs(rows, t))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -326,8 +326,8 @@ def step_flops(gen: ModelShape, target: ModelShape, r: Rollout, inner: Inner,
     log-probabilities ``2P`` per token; the policy update ``6P`` per token per iteration.
     Inner SFT ``6P`` per target token over the SFT (one epoch). Attribution: ``replay``'s
     reverse step recomputes the step's gradient with its graph and runs the HVP through it,
-    about ``3x`` the SFT step (``benchmarks/README.md`` measures 3.0 to 3.5x), plus a graph-free
-    gradient pass when the step has several micro-batches (the seeds are needed before any
+    taken as ``3x`` the SFT step (``benchmarks/README.md`` has the measured ratios), plus a
+    graph-free gradient pass when the step has several micro-batches (the seeds are needed before any
     micro-batch's HVP), plus one graph-free step per step that ``every_k``/``sqrt`` recomputes;
     ``higher``/``func`` only run the backward through the tape, about ``2x`` the SFT.
     """
