@@ -327,8 +327,9 @@ def step_flops(gen: ModelShape, target: ModelShape, r: Rollout, inner: Inner,
     Inner SFT ``6P`` per target token over the SFT (one epoch). Attribution: ``replay``'s
     reverse step recomputes the step's gradient with its graph and runs the HVP through it,
     taken as ``3x`` the SFT step (``benchmarks/README.md`` has the measured ratios), plus a
-    graph-free gradient pass when the step has several micro-batches (the seeds are needed before any
-    micro-batch's HVP), plus one graph-free step per step that ``every_k``/``sqrt`` recomputes;
+    graph-free gradient pass when the step has several micro-batches (the seeds are needed
+    before any micro-batch's HVP), plus one graph-free step per step that ``every_k``/``sqrt``
+    recomputes;
     ``higher``/``func`` only run the backward through the tape, about ``2x`` the SFT.
     """
     tokens = r.rows * (r.prompt + r.new)
