@@ -27,6 +27,7 @@ table counts it), never the end of the comparison.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import gc
 import hashlib
@@ -34,7 +35,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -48,8 +48,15 @@ import lightning as L
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.figures import (  # noqa: E402
+    REWARDS,
+    latest_runs,
+    load_rows,
+    task_figure,
+    write_report,
+)
+
 RESULTS = ROOT / "benchmarks/results"
-REWARDS = ("dataset", "dpg")
 LANGUAGE_SHARE = "benchmarks.compare.GeneratorLanguageShare"
 
 
@@ -77,16 +84,7 @@ TASKS: dict[str, Task] = {
                      (("last_word_loss", "lower"), ("es_share", "higher")),
                      args=(f"--trainer.callbacks+={LANGUAGE_SHARE}",)),
 }
-MEANING = {
-    "lm_head_norm": "target's LM-head norm after SFT",
-    "pixel_accuracy": "share of patch entries that moved their pixel's way",
-    "qr_decodes": "the drawn patch reads (zxing) as the QR code's text",
-    "text_emitted_share": "generator's validation samples containing the UUID",
-    "text_prefix_share": "longest UUID prefix in a sample, share of its length",
-    "sequence_loss": "target's mean token loss on the UUID after SFT",
-    "last_word_loss": "target's loss on the last word of Spanish passages after SFT",
-    "es_share": "generator's validation samples classified as Spanish",
-}
+READOUTS = {task: spec.readouts for task, spec in TASKS.items()}
 
 
 # --------------------------------------------------------------------------- the language share
@@ -233,6 +231,25 @@ def drawn_patch(cli, final: dict[str, float]) -> dict:
     return patch
 
 
+class StderrTail:
+    """``sys.stderr`` that also keeps its last characters (a failed run's ``error:`` line)."""
+
+    def __init__(self, stream) -> None:
+        self.stream, self.text = stream, ""
+
+    def write(self, text: str) -> int:
+        self.text = (self.text + text)[-4000:]
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+    def error_line(self) -> str:
+        lines = [line for line in self.text.splitlines() if line.strip()]
+        errors = [line for line in lines if line.startswith("error:")]
+        return (errors or lines or [""])[-1][:300]
+
+
 def run_one(task: str, reward: str, seed: int, args: argparse.Namespace, extra: list[str],
             base: dict) -> dict:
     """One CLI run; its jsonl row (``status`` ``ok`` or ``failed``, never raises but for a
@@ -246,13 +263,15 @@ def run_one(task: str, reward: str, seed: int, args: argparse.Namespace, extra: 
            "cli": ["python", "-m", "dpg_lightning", *argv], "status": "failed"}
     start, cli, script_argv = time.perf_counter(), None, sys.argv
     sys.argv = [sys.argv[0]]  # LightningCLI reads `argv` only; it warns when sys.argv has more
+    tail = StderrTail(sys.stderr)
     try:
-        cli = dpg_main(argv)
+        with contextlib.redirect_stderr(tail):
+            cli = dpg_main(argv)
         row["status"] = "ok"
     except SystemExit as err:
         if err.code in (130, 143):  # Ctrl-C / SIGTERM: the run checkpointed; stop here
             raise
-        row["error"] = f"exit status {err.code}"
+        row["error"] = f"exit status {err.code}: {tail.error_line()}"
     except Exception as err:  # noqa: BLE001 - one failed run is a row, not the end
         row["error"] = f"{type(err).__name__}: {err}"
         traceback.print_exc()
@@ -285,116 +304,6 @@ def run_one(task: str, reward: str, seed: int, args: argparse.Namespace, extra: 
     return row
 
 
-# --------------------------------------------------------------------------- results
-
-def load_rows(path: Path) -> list[dict]:
-    """The jsonl rows; rows of the previous script (no ``status``) are read as ``legacy``."""
-    rows = []
-    for line in path.read_text().splitlines() if path.exists() else []:
-        r = json.loads(line)
-        if "status" not in r:  # old compare.py: one readout, raw csv steps, its own share
-            curve = [[0 if i == 0 else s + 1, {r["key"]: v}] for i, (s, v) in enumerate(r["curve"])]
-            r = {"task": r["task"], "reward": r["reward"], "seed": r["seed"], "status": "ok",
-                 "commit": "legacy", "config_hash": "legacy", "wall_s": r["seconds"],
-                 "steps": curve[-1][0], "curve": curve,
-                 "untrained": {r["key"]: r["initial"], **({"es_share": r["share_initial"]}
-                                                         if "share_initial" in r else {})},
-                 "final": {r["key"]: r["final"], **({"es_share": r["share_final"]}
-                                                   if "share_final" in r else {})}}
-        rows.append(r)
-    return rows
-
-
-def latest_runs(rows: list[dict], task: str) -> list[dict]:
-    """The task's rows of its latest (commit, config) group, the latest per (reward, seed)."""
-    rows = [r for r in rows if r["task"] == task]
-    if not rows:
-        return []
-    group = (rows[-1].get("commit"), rows[-1].get("config_hash"))
-    latest = {(r["reward"], r["seed"]): r for r in rows
-              if (r.get("commit"), r.get("config_hash")) == group}
-    return sorted(latest.values(), key=lambda r: (r["reward"], r["seed"]))
-
-
-def fmt(values: list[float]) -> str:
-    if not values:
-        return "-"
-    std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.fmean(values):.4f} ± {std:.4f}"
-
-
-def cell(rows: list[dict], key: str, which: str = "final") -> str:
-    ok = [r[which][key] for r in rows if r["status"] == "ok" and key in r.get(which, {})]
-    failed = sum(r["status"] != "ok" for r in rows)
-    return fmt(ok) + (f" ({failed} failed)" if failed else "")
-
-
-def task_lines(task: str, runs: list[dict]) -> tuple[list[str], list[str]]:
-    """The task's lines of the results table and of the runs table."""
-    by = {reward: [r for r in runs if r["reward"] == reward] for reward in REWARDS}
-    ok = [r for r in runs if r["status"] == "ok"]
-    untrained_from = [r for r in by["dpg"] if r["status"] == "ok"] or ok
-    walls = " / ".join(f"{statistics.fmean(r['wall_s'] for r in by[w]):.1f}" if by[w] else "-"
-                       for w in REWARDS)
-    lines = []
-    for i, (key, better) in enumerate(TASKS[task].readouts):
-        untrained = cell(untrained_from, key, "untrained")
-        lines.append(
-            f"| {task if i == 0 else ''} | {key} | {better} | {untrained} | "
-            f"{cell(by['dataset'], key)} | {cell(by['dpg'], key)} | {walls if i == 0 else ''} |")
-    last = runs[-1]
-    seeds = " ".join(map(str, sorted({r["seed"] for r in runs})))
-    examples = sorted({r.get("examples_per_step", 0) * r.get("updates", 0) for r in ok})
-    date = max((r.get("date", "") for r in runs), default="")[:10] or "-"
-    command = last.get("command") or "old compare.py (before the CLI-driven rework)"
-    info = (f"| {task} | `{command}` | {date} | {last.get('commit', '-')}"
-            f"{'+dirty' if last.get('dirty') else ''} | {seeds} | "
-            f"{'/'.join(sorted({str(r.get('steps', '?')) for r in runs}))} | "
-            f"{'/'.join(map(str, examples)) if examples and examples != [0] else '-'} | "
-            f"{last.get('machine', '-')} |")
-    return lines, [info]
-
-
-def write_report(rows: list[dict], path: Path) -> None:
-    """``tiny_compare.md`` from all rows: per task its latest runs."""
-    table = ["| task | readout | better | untrained | dataset reward | DPG | wall s/run "
-             "(dataset / DPG) |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    runs_table = ["| task | command | date | commit | seeds | steps | examples/run | machine |",
-                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    failures, figures = [], []
-    for task in TASKS:
-        runs = latest_runs(rows, task)
-        if not runs:
-            continue
-        lines, info = task_lines(task, runs)
-        table += lines
-        runs_table += info
-        failures += [f"- {task} {r['reward']} seed {r['seed']}: {r.get('error', '?')} "
-                     f"(`{r.get('run_dir') or '-'}`)" for r in runs if r["status"] != "ok"]
-        if (path.parent / f"tiny_{task}.png").exists():
-            figures.append(f"![{task}](tiny_{task}.png)")
-    text = [
-        "# DPG vs dataset-level reward vs untrained generator (tiny CPU tasks)", "",
-        "Written by `benchmarks/compare.py` from `tiny_compare.jsonl` (one row per run; each "
-        "task's rows here are its latest runs). Each run is `python -m dpg_lightning fit "
-        "--config configs/tiny/<task>.yaml --model.reward=<reward>` with every seed set to the "
-        "run's seed; both rewards of a seed run the same steps, prompts per step and samples per "
-        "prompt (equal numbers of generated examples). *untrained* is the step-0 validation of "
-        "the same seeds. Readouts are the last validation's: plain SFT of the initial target on "
-        "a fixed-seed sample of the generator. mean ± std over seeds; wall time is the mean of "
-        "the whole CLI call (model building and pretraining included).", "",
-        *table, "", "Readouts: " + "; ".join(f"`{k}`: {v}" for k, v in MEANING.items()) + ".", "",
-        "## Runs", "", *runs_table, "",
-    ]
-    if failures:
-        text += ["## Failed runs", "", *failures, ""]
-    if figures:
-        text += ["## Figures", "", "Learning curves (mean and range over seeds); for 67 and QR "
-                 "the patch drawn at the end (median seed) beside the target image.", "",
-                 *figures, ""]
-    path.write_text("\n".join(text))
-
-
 # --------------------------------------------------------------------------- main
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -424,8 +333,6 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 
 def draw(task: str, rows: list[dict], results: Path) -> None:
-    from benchmarks.figures import task_figure
-
     spec = TASKS[task]
     path = task_figure(task, latest_runs(rows, task), spec.readouts,
                        results / f"tiny_{task}.png", spec.pattern_key)
@@ -475,12 +382,12 @@ def main(argv: list[str] | None = None) -> int:
             summary["final"] = {k: round(row.get("final", {}).get(k, float("nan")), 4)
                                 for k, _ in TASKS[task].readouts}
             print(json.dumps(summary), flush=True)
-            write_report(rows, report)
+            write_report(rows, report, READOUTS)
         if args.dry_run:
             return 0
     for task in args.tasks:
         draw(task, rows, args.results)
-    write_report(rows, report)
+    write_report(rows, report, READOUTS)
     print(f"table: {report}")
     ok = all(r["status"] == "ok" for t in args.tasks for r in latest_runs(rows, t))
     return 0 if ok else 1

@@ -1,18 +1,24 @@
-"""Figures of ``benchmarks/compare.py``: one PNG per tiny task, from its jsonl rows.
+"""What ``benchmarks/compare.py`` writes from ``tiny_compare.jsonl``: the table and the figures.
 
-Each figure has one panel per readout: its learning curve (the validation readout against the
-generator updates taken) for DPG and for the dataset-level reward, the mean over seeds as a line
-and the seeds' range as a band. Step 0 is the untrained generator. For the LM-head pattern tasks
-(``67``, QR) more panels show the target image (``LMHeadPattern.bitmap``, 1 = ink) beside the
-patch drawn at the end: ``ink_sign * sign(P - P_initial)`` after plain SFT of the initial target
-on the final generator's validation sample (black: moved the ink's way, white: the background's,
-gray: unchanged), for DPG and for the dataset reward (the run of the median seed of each).
+The table (``tiny_compare.md``): per task its latest runs (:func:`latest_runs`), each readout's
+final value as mean ± std over seeds for the untrained generator, the dataset-level reward and
+DPG, the mean wall time per run, and which command, commit and machine produced them.
+
+The figures (``tiny_<task>.png``), one per task: a panel per readout with its learning curve
+(the validation readout against the generator updates taken) for DPG and for the dataset-level
+reward, the mean over seeds as a line and the seeds' range as a band; update 0 is the untrained
+generator. For the LM-head pattern tasks (``67``, QR) more panels show the target image
+(``LMHeadPattern.bitmap``, 1 = ink) beside the patch drawn at the end: ``ink_sign * sign(P -
+P_initial)`` after plain SFT of the initial target on the final generator's validation sample
+(black: moved the ink's way, white: the background's, gray: unchanged), for DPG and for the
+dataset reward (the run of the median seed of each).
 
 matplotlib's object API only (``Figure``), no ``pyplot``: no GUI backend, no global state.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +27,19 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+REWARDS = ("dataset", "dpg")
+#: (readout, "higher"/"lower" is better) of a task, in table order
+Readouts = Sequence[tuple[str, str]]
+MEANING = {
+    "lm_head_norm": "target's LM-head norm after SFT",
+    "pixel_accuracy": "share of patch entries that moved their pixel's way",
+    "qr_decodes": "the drawn patch reads (zxing) as the QR code's text",
+    "text_emitted_share": "generator's validation samples containing the UUID",
+    "text_prefix_share": "longest UUID prefix in a sample, share of its length",
+    "sequence_loss": "target's mean token loss on the UUID after SFT",
+    "last_word_loss": "target's loss on the last word of Spanish passages after SFT",
+    "es_share": "generator's validation samples classified as Spanish",
+}
 #: How each reward is drawn: (label, colour).
 STYLE = {"dpg": ("DPG (metagradient rewards)", "tab:blue"),
          "dataset": ("dataset-level reward", "tab:orange")}
@@ -121,3 +140,131 @@ def task_figure(task: str, rows: list[dict], readouts: Sequence[tuple[str, str]]
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
+
+
+# --------------------------------------------------------------------------- the table
+
+def load_rows(path: Path) -> list[dict]:
+    """The jsonl rows; rows of the previous script (no ``status``) are read as ``legacy``."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        r = json.loads(line)
+        if "status" not in r:  # old compare.py: one readout, raw csv steps, its own share
+            curve = [[0 if i == 0 else s + 1, {r["key"]: v}] for i, (s, v) in enumerate(r["curve"])]
+            r = {"task": r["task"], "reward": r["reward"], "seed": r["seed"], "status": "ok",
+                 "commit": "legacy", "config_hash": "legacy", "wall_s": r["seconds"],
+                 "steps": curve[-1][0], "curve": curve,
+                 "untrained": {r["key"]: r["initial"], **({"es_share": r["share_initial"]}
+                                                         if "share_initial" in r else {})},
+                 "final": {r["key"]: r["final"], **({"es_share": r["share_final"]}
+                                                   if "share_final" in r else {})}}
+        rows.append(r)
+    return rows
+
+
+def latest_runs(rows: list[dict], task: str) -> list[dict]:
+    """The task's rows of its latest (commit, config) group, the latest per (reward, seed)."""
+    rows = [r for r in rows if r["task"] == task]
+    if not rows:
+        return []
+    group = (rows[-1].get("commit"), rows[-1].get("config_hash"))
+    latest = {(r["reward"], r["seed"]): r for r in rows
+              if (r.get("commit"), r.get("config_hash")) == group}
+    return sorted(latest.values(), key=lambda r: (r["reward"], r["seed"]))
+
+
+def fmt(values: list[float], spec: str = "") -> str:
+    """``mean ± std`` (``.4f``), or the mean alone with a ``spec``; ``-`` for no values."""
+    if not values:
+        return "-"
+    if spec:
+        return format(statistics.fmean(values), spec)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.4f} ± {std:.4f}"
+
+
+def cell(rows: list[dict], key: str, which: str = "final") -> str:
+    ok = [r[which][key] for r in rows if r["status"] == "ok" and key in r.get(which, {})]
+    failed = sum(r["status"] != "ok" for r in rows)
+    return fmt(ok) + (f" ({failed} failed)" if failed else "")
+
+
+def task_lines(task: str, runs: list[dict], readouts: Readouts) -> tuple[list[str], list[str]]:
+    """The task's lines of the results table and of the runs table."""
+    by = {reward: [r for r in runs if r["reward"] == reward] for reward in REWARDS}
+    ok = [r for r in runs if r["status"] == "ok"]
+    untrained_from = [r for r in by["dpg"] if r["status"] == "ok"] or ok
+    walls = " / ".join(fmt([r["wall_s"] for r in by[w] if r["status"] == "ok"], ".1f")
+                       for w in REWARDS)
+    lines = []
+    for i, (key, better) in enumerate(readouts):
+        untrained = cell(untrained_from, key, "untrained")
+        lines.append(
+            f"| {task if i == 0 else ''} | {key} | {better} | {untrained} | "
+            f"{cell(by['dataset'], key)} | {cell(by['dpg'], key)} | {walls if i == 0 else ''} |")
+    last = runs[-1]
+    seeds = " ".join(map(str, sorted({r["seed"] for r in runs})))
+    examples = sorted({r.get("examples_per_step", 0) * r.get("updates", 0) for r in ok})
+    date = max((r.get("date", "") for r in runs), default="")[:10] or "-"
+    command = last.get("command") or "old compare.py (before the CLI-driven rework)"
+    info = (f"| {task} | `{command}` | {date} | {last.get('commit', '-')}"
+            f"{'+dirty' if last.get('dirty') else ''} | {seeds} | "
+            f"{'/'.join(sorted({str(r.get('steps', '?')) for r in runs}))} | "
+            f"{'/'.join(map(str, examples)) if examples and examples != [0] else '-'} | "
+            f"{last.get('machine', '-')} |")
+    return lines, [info]
+
+
+def untrained_mismatches(task: str, runs: list[dict], readouts: Readouts) -> list[str]:
+    """Seeds whose two rewards' step-0 validations differ (the same generator should give the
+    same numbers: a difference means the runs did not start alike)."""
+    out = []
+    for seed in sorted({r["seed"] for r in runs}):
+        pair = [r.get("untrained", {}) for r in runs if r["seed"] == seed and r["status"] == "ok"]
+        for key, _ in readouts:
+            values = [u[key] for u in pair if key in u]
+            if len(values) == 2 and abs(values[0] - values[1]) > 1e-6 * max(1.0, abs(values[0])):
+                out.append(f"- {task} seed {seed}: untrained `{key}` differs between the rewards "
+                           f"({values[0]:.6g} vs {values[1]:.6g})")
+    return out
+
+
+def write_report(rows: list[dict], path: Path, tasks: dict[str, Readouts]) -> None:
+    """``tiny_compare.md`` from all rows: per task (in ``tasks`` order) its latest runs."""
+    table = ["| task | readout | better | untrained | dataset reward | DPG | wall s/run "
+             "(dataset / DPG) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    runs_table = ["| task | command | date | commit | seeds | steps | examples/run | machine |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    failures, figures = [], []
+    for task, readouts in tasks.items():
+        runs = latest_runs(rows, task)
+        if not runs:
+            continue
+        lines, info = task_lines(task, runs, readouts)
+        table += lines
+        runs_table += info
+        failures += [f"- {task} {r['reward']} seed {r['seed']}: {r.get('error', '?')} "
+                     f"(`{r.get('run_dir') or '-'}`)" for r in runs if r["status"] != "ok"]
+        failures += untrained_mismatches(task, runs, readouts)
+        if (path.parent / f"tiny_{task}.png").exists():
+            figures.append(f"![{task}](tiny_{task}.png)")
+    text = [
+        "# DPG vs dataset-level reward vs untrained generator (tiny CPU tasks)", "",
+        "Written by `benchmarks/compare.py` from `tiny_compare.jsonl` (one row per run; each "
+        "task's rows here are its latest runs). Each run is `python -m dpg_lightning fit "
+        "--config configs/tiny/<task>.yaml --model.reward=<reward>` with every seed set to the "
+        "run's seed; both rewards of a seed run the same steps, prompts per step and samples per "
+        "prompt (equal numbers of generated examples). *untrained* is the step-0 validation of "
+        "the same seeds. Readouts are the last validation's: plain SFT of the initial target on "
+        "a fixed-seed sample of the generator. mean ± std over seeds; wall time is the mean of "
+        "the whole CLI call (model building and pretraining included).", "",
+        *table, "", "Readouts: " + "; ".join(f"`{k}`: {v}" for k, v in MEANING.items()) + ".", "",
+        "## Runs", "", *runs_table, "",
+    ]
+    if failures:
+        text += ["## Failed runs and warnings", "", *failures, ""]
+    if figures:
+        text += ["## Figures", "", "Learning curves (mean and range over seeds); for 67 and QR "
+                 "the patch drawn at the end (median seed) beside the target image.", "",
+                 *figures, ""]
+    path.write_text("\n".join(text))

@@ -23,15 +23,14 @@ import typing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, Namespace
 
-from dpg_lightning.data import PromptDataModule
+from dpg_lightning.config_parser import run_config_parser
 from dpg_lightning.errors import ConfigError, RunError
 from dpg_lightning.inner import InnerConfig
 from dpg_lightning.inner.replay_storage import checkpoint_steps
 from dpg_lightning.model_shapes import SHAPE_KEYS, ModelShape, resolve_shape
 from dpg_lightning.models import ModelConfig
-from dpg_lightning.module import DPGModule
 from dpg_lightning.policy import PolicyConfig
 from dpg_lightning.rollout import SamplingConfig
 from dpg_lightning.step_cost import (
@@ -180,18 +179,10 @@ def build(cls: type, value: object, **defaults: object):
 
 
 def parser() -> ArgumentParser:
-    p = ArgumentParser(
-        prog="python -m dpg_lightning plan",
-        description="Memory, storage and time of one DPG step of a config, without a model.",
+    p = run_config_parser(
+        "plan", "Memory, storage and time of one DPG step of a config, without a model."
     )
-    p.add_argument("--config", action=ActionConfigFile, help="the training config (YAML)")
-    p.add_class_arguments(DPGModule, "model")
-    p.add_class_arguments(PromptDataModule, "data")
-    for key in ("trainer", "optimizer", "lr_scheduler"):
-        p.add_argument(f"--{key}", type=dict | None, default=None, help="read for devices")
-    p.add_argument("--seed_everything", type=bool | int | None, default=None, help="ignored")
     p.add_argument("--ckpt_path", type=str | None, default=None, help="ignored")
-    p.add_argument("--weights_only", type=bool | None, default=None, help="ignored")
     p.add_argument("--gpus", type=int | None, default=None,
                    help="ranks (default: trainer.devices x num_nodes on a GPU trainer, else 1)")
     p.add_argument("--gpus_per_node", "--gpus-per-node", type=int, default=8,

@@ -123,11 +123,11 @@ def batch_advantages(
     return advantages
 
 
-class MetagradientReward:
-    """``reward: dpg``: ``r_i = dPhi/deps_i``, advantages within groups or the batch."""
+class _Scoring:
+    """What both rewards share: run their attribution on the step's set, or per inverse group."""
 
-    def __init__(self, grouped: bool = False) -> None:
-        self.grouped = grouped
+    attribute: Attribute
+    grouped: bool
 
     def score(
         self, target: nn.Module, data: TokenRows, phi: Phi, inner: InnerConfig,
@@ -135,8 +135,17 @@ class MetagradientReward:
         progress: Progress | None = None,
     ) -> Scored:
         groups = inverse_groups(len(data), samples_per_prompt) if self.grouped else None
-        return score_sfts(_metagradients, target, data, phi, inner, plan_for, groups, times,
-                          progress)
+        return score_sfts(type(self).attribute, target, data, phi, inner, plan_for, groups,
+                          times, progress)
+
+
+class MetagradientReward(_Scoring):
+    """``reward: dpg``: ``r_i = dPhi/deps_i``, advantages within groups or the batch."""
+
+    attribute = staticmethod(_metagradients)
+
+    def __init__(self, grouped: bool = False) -> None:
+        self.grouped = grouped
 
     def advantages(
         self, rewards: Tensor, all_rewards: Tensor, world: WorldInfo, shared: bool,
@@ -145,25 +154,18 @@ class MetagradientReward:
         return batch_advantages(rewards, all_rewards, world, shared, samples_per_prompt, policy)
 
 
-class DatasetReward(nn.Module):
+class DatasetReward(_Scoring, nn.Module):
     """``reward: dataset``: every example gets ``Phi`` of its SFT. With inverse groups the
     groups' Phi are compared within the step (``policy.baseline`` / ``scale_rewards``, the
     paper's: the batch); else the step's one Phi is compared with a moving average of earlier
     steps' Phi (a module: the average is checkpointed)."""
 
+    attribute = staticmethod(_dataset_rewards)
+
     def __init__(self, decay: float, grouped: bool = False) -> None:
         super().__init__()
         self.grouped = grouped
         self.baseline = RunningPhi(decay)
-
-    def score(
-        self, target: nn.Module, data: TokenRows, phi: Phi, inner: InnerConfig,
-        plan_for: PlanFor, samples_per_prompt: int, times: dict[str, float],
-        progress: Progress | None = None,
-    ) -> Scored:
-        groups = inverse_groups(len(data), samples_per_prompt) if self.grouped else None
-        return score_sfts(_dataset_rewards, target, data, phi, inner, plan_for, groups, times,
-                          progress)
 
     def advantages(
         self, rewards: Tensor, all_rewards: Tensor, world: WorldInfo, shared: bool,

@@ -19,15 +19,14 @@ import json
 from pathlib import Path
 
 import torch
-from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, Namespace
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpg_lightning.checkpoints import check_checkpoint_config, plain
-from dpg_lightning.data import PromptDataModule
+from dpg_lightning.config_parser import run_config_parser
 from dpg_lightning.errors import ConfigError, RunError
 from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
-from dpg_lightning.module import DPGModule
 from dpg_lightning.preflight import check_ckpt_path, check_model_source
 from dpg_lightning.prompts import load_prompts
 from dpg_lightning.rollout import SamplingConfig, sample_rollout, uses_chat_template
@@ -35,16 +34,7 @@ from dpg_lightning.run_dir import unreadable
 
 
 def _parser(command: str, description: str) -> ArgumentParser:
-    parser = ArgumentParser(prog=f"python -m dpg_lightning {command}", description=description)
-    parser.add_argument("--config", action=ActionConfigFile, help="the training config (YAML)")
-    parser.add_class_arguments(DPGModule, "model")
-    parser.add_class_arguments(PromptDataModule, "data")
-    # The rest of a training config (as LightningCLI saves it in the run directory) is accepted
-    # and ignored, so the same file serves.
-    for key in ("trainer", "optimizer", "lr_scheduler"):
-        parser.add_argument(f"--{key}", type=dict | None, default=None, help="ignored")
-    parser.add_argument("--seed_everything", type=bool | int | None, default=None, help="ignored")
-    parser.add_argument("--weights_only", type=bool | None, default=None, help="ignored")
+    parser = run_config_parser(command, description)
     parser.add_argument(
         "--ckpt_path", type=str | None, default=None,
         help="Lightning checkpoint of the DPG run (required; e.g. <run>/checkpoints/last.ckpt)",
