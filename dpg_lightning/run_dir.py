@@ -114,13 +114,17 @@ def _loggers(trainer: Any) -> list[LoggerSpec]:
     return specs
 
 
+# Callbacks whose ``dirpath`` holds this run's checkpoints (by the class path's last name).
+CHECKPOINT_CLASSES = ("ModelCheckpoint", "LastCheckpoint")
+
+
 def _checkpoint_dirs(config: Any, logger: LoggerSpec | None) -> list[Path]:
     """Where this run's checkpoints can be: every ModelCheckpoint ``dirpath`` of the config,
     ``checkpoints/`` of the first logger's version directories, and the root dir."""
     trainer = config.get("trainer") or {}
     dirs = []
     for node in trainer.get("callbacks") or []:
-        if hasattr(node, "get") and str(node.get("class_path", "")).endswith("ModelCheckpoint"):
+        if hasattr(node, "get") and str(node.get("class_path", "")).endswith(CHECKPOINT_CLASSES):
             dirpath = (node.get("init_args") or {}).get("dirpath")
             if dirpath:
                 dirs.append(Path(dirpath))
