@@ -25,7 +25,7 @@ from dpg_lightning.errors import check_choice, check_int_at_least, require
 from dpg_lightning.inner import InnerConfig, Phi, inner_order, sft_on_texts, trainable_names
 from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.objectives import LMHeadL2Norm, Objective, check_objective
-from dpg_lightning.policy import PolicyConfig, policy_loss
+from dpg_lightning.policy import PolicyConfig, accumulate_policy_loss
 from dpg_lightning.pretrain import maybe_pretrain
 from dpg_lightning.progress import PhaseReporter, phase_progress_bar
 from dpg_lightning.rewards import DatasetReward, MetagradientReward
@@ -197,6 +197,7 @@ class DPGModule(L.LightningModule):
             seed = derive_seed(self.seed, "inner_order", *counters)
             return plan_sft(n_local, batch, self.inner.shuffle, seed, self.distributed, world)
 
+        self.phases.phase("inner SFT")  # the backends count its steps as each one ends
         with self._target_precision():
             scored = self.rewarder.score(
                 self.target, data, self.metric, self.inner, plan_for,
@@ -272,21 +273,21 @@ class DPGModule(L.LightningModule):
         self.phases.phase("policy update", 0, total_steps)
         for _ in range(p.num_iterations):
             for rows in self._minibatches(len(rollout.texts), minibatches):
-                sel = slice(None) if rows is None else rows
-                logp = completion_logprobs(self.generator, rollout, temp, rows=rows)
-                loss, s = policy_loss(
-                    logp,
-                    old[sel],
-                    advantages[sel],
-                    rollout.completion_mask[sel],
-                    p.epsilon,
-                    ref[sel] if ref is not None else None,
-                    p.beta,
-                    p.dual_clip,
-                    p.loss_aggregation,
-                )
                 opt.zero_grad()
-                self.manual_backward(loss)
+                loss, s = accumulate_policy_loss(
+                    lambda chunk: completion_logprobs(self.generator, rollout, temp, rows=chunk),
+                    self.manual_backward,
+                    rows,
+                    old,
+                    advantages,
+                    rollout.completion_mask,
+                    p.micro_batch_size,
+                    ref,
+                    epsilon=p.epsilon,
+                    beta=p.beta,
+                    dual_clip=p.dual_clip,
+                    aggregation=p.loss_aggregation,
+                )
                 if p.max_grad_norm:
                     self.clip_gradients(
                         opt, gradient_clip_val=p.max_grad_norm, gradient_clip_algorithm="norm"

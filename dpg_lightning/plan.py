@@ -133,7 +133,7 @@ def evaluate(cfg: Config) -> Plan:
     rollout = Rollout(
         rows=rows, prompt=cfg.prompt_tokens, new=sampling.max_new_tokens,
         chunk=min(rows, sampling.generation_batch_size or rows),
-        minibatch=math.ceil(rows / updates), updates=updates,
+        minibatch=math.ceil(rows / updates), updates=updates, micro=policy.micro_batch_size,
         compute_bytes=cfg.gen_compute_bytes, reference=policy.beta > 0,
     )
     persistent = generator_persistent(gen, rollout.reference)
@@ -319,7 +319,9 @@ def render(plan: Plan, args: Namespace, where: dict[str, str], host: tuple[int, 
         f"{inner.seq} target tokens (inner.micro_batch_size {icfg.micro_batch_size})",
         f"  policy         {policy.num_iterations * r.updates} optimizer step(s) = "
         f"{policy.num_iterations} iteration(s) x {r.updates} minibatch(es) of "
-        f"{r.minibatch} rollouts",
+        f"{r.minibatch} rollouts"
+        + (f", in micro-batches of {r.micro} (policy.micro_batch_size)"
+           if r.micro and r.micro < r.minibatch else ""),
         f"peak memory per device{'GiB':>38}",
         "  held through the step",
     ]
@@ -442,13 +444,20 @@ def knobs(plan: Plan, capacity: float) -> list[str]:
             size //= 2
         out.append(f"`model.sampling.generation_batch_size: {max(size, 1)}`")
     else:
+        rows = min(plan.rollout.minibatch, cfg.policy.micro_batch_size or plan.rollout.minibatch)
+        micro = [m for m in range(rows - 1, 0, -1) if rows % m == 0  # even micro-batches
+                 and _fits(replace(cfg, policy=replace(cfg.policy, micro_batch_size=m)),
+                           capacity)]
+        if micro:  # the same update, accumulated: the first knob to turn
+            out.append(f"`model.policy.micro_batch_size: {micro[0]}` (the same update)")
         n = plan.rollout.updates * 2
         while n < plan.rows and not _fits(replace(cfg, policy=replace(
                 cfg.policy, num_minibatches=n, minibatch_prompts=None)), capacity):
             n *= 2
         fewer = math.ceil(cfg.num_prompts / n)
-        out.append(f"`model.policy.minibatch_prompts: {fewer}`" if cfg.policy.minibatch_prompts
-                   else f"`model.policy.num_minibatches: {min(n, plan.rows)}`")
+        out.append((f"`model.policy.minibatch_prompts: {fewer}`" if cfg.policy.minibatch_prompts
+                    else f"`model.policy.num_minibatches: {min(n, plan.rows)}`")
+                   + " (more, smaller optimizer steps: a different update)")
     return out
 
 

@@ -9,6 +9,7 @@ frozen copy of the initial generator).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -37,6 +38,11 @@ class PolicyConfig:
             (:class:`~dpg_lightning.advantages.RunningPhi`).
         minibatch_prompts: PPO mini-batches by prompts: each optimizer step takes the samples
             of this many prompts (the paper's 32); overrides ``num_minibatches``.
+        micro_batch_size: rollouts per forward/backward inside one mini-batch, their gradients
+            accumulated before its optimizer step (``None``: the whole mini-batch at once). A
+            memory knob only: the update is the unsplit mini-batch's, so the paper's mini-batch
+            of 32 prompts fits on one GPU without changing the experiment (fewer prompts per
+            mini-batch would also change the number of optimizer steps per DPG step).
         loss_aggregation: ``sequence_sum`` (default: each sequence's summed token losses,
             averaged over sequences: the unbiased REINFORCE estimate) or ``token_mean`` (the
             paper's RL framework: the mean over all completion tokens of the mini-batch).
@@ -62,6 +68,7 @@ class PolicyConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     dataset_baseline_decay: float = 0.9
     minibatch_prompts: int | None = None
+    micro_batch_size: int | None = None
     loss_aggregation: Literal["sequence_sum", "token_mean"] = "sequence_sum"
     dual_clip: float | None = None
     advantage_normalization: Literal["scale_free", "grpo_official"] = "scale_free"
@@ -93,6 +100,8 @@ class PolicyConfig:
         )
         if self.minibatch_prompts is not None:
             check_int_at_least(f"{key}.minibatch_prompts", self.minibatch_prompts, 1)
+        if self.micro_batch_size is not None:
+            check_int_at_least(f"{key}.micro_batch_size", self.micro_batch_size, 1)
         check_choice(f"{key}.loss_aggregation", self.loss_aggregation,
                      ("sequence_sum", "token_mean"))
         require(
@@ -120,13 +129,16 @@ def policy_loss(
     beta: float = 0.0,
     dual_clip: float | None = None,
     aggregation: str = "sequence_sum",
+    denominator: float | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped policy-gradient loss over ``[N, T]`` token log-probs; returns ``(loss, stats)``.
 
     ``dual_clip`` bounds a negative advantage's per-token loss by ``-dual_clip * A`` (dual-clip
     PPO, as in the paper's RL framework). ``aggregation``: ``sequence_sum`` sums each
     sequence's token losses and averages over sequences; ``token_mean`` averages over all
-    tokens of the batch.
+    tokens of the batch. ``denominator`` replaces that average's count (sequences or tokens)
+    when these rows are one micro-batch of a larger mini-batch: the mini-batch's count makes
+    the micro-batches' losses sum to the mini-batch's. The stats are this call's token means.
     """
     mask = mask.to(logp.dtype)
     ratio = torch.exp(logp - old_logp)
@@ -148,8 +160,55 @@ def policy_loss(
         per_token_kl = torch.exp(delta) - delta - 1
         per_token = per_token + beta * per_token_kl
         kl = (per_token_kl * mask).sum() / mask.sum().clamp(min=1)
-    if aggregation == "token_mean":
+    if denominator is not None:
+        loss = (per_token * mask).sum() / denominator
+    elif aggregation == "token_mean":
         loss = (per_token * mask).sum() / mask.sum().clamp(min=1)
     else:
         loss = (per_token * mask).sum(1).mean()
     return loss, {"clip_frac": clip_frac.detach(), "kl": kl.detach()}
+
+
+def accumulate_policy_loss(
+    logprobs: Callable[[Tensor | None], Tensor],
+    backward: Callable[[Tensor], None],
+    rows: Tensor | None,
+    old_logp: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    micro_batch_size: int | None = None,
+    ref_logp: Tensor | None = None,
+    **loss_kwargs,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """One mini-batch's :func:`policy_loss`, computed and backpropagated micro-batch by
+    micro-batch; returns the mini-batch's loss and token-mean stats.
+
+    ``logprobs(chunk)`` gives the current policy's ``[n, T]`` log-probs of the rollout rows
+    ``chunk`` (``None``: all rows); ``backward`` is the caller's backward (Lightning's
+    ``manual_backward``). ``rows`` are the mini-batch's rows of the rollout (``None``: all).
+    Each micro-batch's loss is divided by the mini-batch's count, so the accumulated gradient
+    is the unsplit mini-batch's; only one micro-batch's graph is alive at a time.
+    """
+    n = len(mask) if rows is None else len(rows)
+    if micro_batch_size is None or micro_batch_size >= n:
+        chunks: list[Tensor | None] = [rows]
+    else:
+        chunks = list((torch.arange(n, device=mask.device) if rows is None else rows)
+                      .split(micro_batch_size))
+    sel = slice(None) if rows is None else rows
+    tokens = mask[sel].sum().clamp(min=1)
+    denominator = (None if len(chunks) == 1  # one piece: policy_loss's own (bit-identical)
+                   else tokens if loss_kwargs.get("aggregation") == "token_mean" else n)
+    total = torch.zeros((), dtype=old_logp.dtype, device=old_logp.device)
+    stats: dict[str, Tensor] = {}
+    for chunk in chunks:
+        c = slice(None) if chunk is None else chunk
+        loss, s = policy_loss(logprobs(chunk), old_logp[c], advantages[c], mask[c],
+                              ref_logp=None if ref_logp is None else ref_logp[c],
+                              denominator=denominator, **loss_kwargs)
+        backward(loss)
+        total = total + loss.detach()
+        share = mask[c].sum().to(old_logp.dtype) / tokens
+        for k, v in s.items():
+            stats[k] = stats.get(k, 0) + v * share.to(v.dtype)
+    return total, stats

@@ -267,6 +267,7 @@ class Rollout:
     updates: int  # minibatches (optimizer steps) per pass
     compute_bytes: int  # activation dtype (2 under bf16 precision)
     reference: bool  # policy.beta > 0
+    micro: int | None = None  # rows per policy forward/backward (policy.micro_batch_size)
 
 
 def generator_persistent(shape: ModelShape, reference: bool) -> list[tuple[str, int]]:
@@ -297,13 +298,14 @@ def rollout_bytes(shape: ModelShape, r: Rollout) -> list[tuple[str, int]]:
 
 
 def policy_update_bytes(shape: ModelShape, r: Rollout) -> list[tuple[str, int]]:
-    """One minibatch's forward + backward through the generator: the blocks' first-order
-    activations, the model's logits over prompt + completion, and 4 fp32 completion-logit
-    copies (upcast, temperature, log-softmax, its gradient)."""
-    ctx = r.prompt + r.new
-    acts = block_activation_bytes(shape, r.minibatch, ctx, FIRST_ORDER[shape.arch], r.compute_bytes)
-    logits = r.minibatch * shape.vocab * (ctx * r.compute_bytes + 4 * r.new * 4)
-    return [(f"activations, {r.minibatch} rows x {ctx} tokens", acts), ("policy logits", logits)]
+    """One micro-batch's forward + backward through the generator (the whole minibatch
+    without ``policy.micro_batch_size``): the blocks' first-order activations, the model's
+    logits over prompt + completion, and 4 fp32 completion-logit copies (upcast, temperature,
+    log-softmax, its gradient)."""
+    ctx, rows = r.prompt + r.new, min(r.minibatch, r.micro or r.minibatch)
+    acts = block_activation_bytes(shape, rows, ctx, FIRST_ORDER[shape.arch], r.compute_bytes)
+    logits = rows * shape.vocab * (ctx * r.compute_bytes + 4 * r.new * 4)
+    return [(f"activations, {rows} rows x {ctx} tokens", acts), ("policy logits", logits)]
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,13 @@ def test_rollout_and_policy_knobs():
     assert policy_heavy.peak[1] == "policy update"
     hint = knobs(policy_heavy, policy_heavy.peak[0] * 0.9)
     assert any("model.policy.num_minibatches" in k for k in hint), hint
+    # first the knob that keeps the update: micro-batches accumulated into the same mini-batch
+    assert "model.policy.micro_batch_size" in hint[0], hint
+    micro = int(hint[0].split(": ")[1].split("`")[0])
+    fixed = evaluate(replace(policy_heavy.cfg, policy=replace(
+        policy_heavy.cfg.policy, micro_batch_size=micro)))
+    assert fixed.peak[0] <= policy_heavy.peak[0] * 0.9
+    assert fixed.rollout.updates == policy_heavy.rollout.updates
     rollout_heavy = evaluate(replace(big, policy=replace(cfg.policy, num_minibatches=256)))
     assert rollout_heavy.peak[1] == "rollout"
     hint = knobs(rollout_heavy, rollout_heavy.peak[0] * 0.9)

@@ -103,6 +103,22 @@ def test_resume_is_exact(runs):
     assert dm_state["PromptDataModule"]["batches_consumed"] == K + J
 
 
+def test_policy_micro_batches_make_the_same_update(runs):
+    """``model.policy.micro_batch_size`` wired through the module: one rollout row per
+    forward/backward gives the straight run's generator after a step, up to float32
+    summation order (the exact, float64 check is tests/test_policy.py). Adam's first update
+    is about ``lr * sign(grad)``, so a coordinate whose gradient nearly cancels may move by a
+    little more than rounding: the bound is a thousandth of one update's size."""
+    _fit(_config(runs, "micro", 1), "--model.policy.micro_batch_size=1")
+    a = _generator(runs / "straight" / "ckpt" / "step1.ckpt")
+    b = _generator(runs / "micro" / "ckpt" / "step1.ckpt")
+    a2 = _generator(runs / "straight" / "ckpt" / "step2.ckpt")
+    update = max(float((a2[k] - a[k]).abs().max()) for k in a)
+    diff = max(float((b[k] - a[k]).abs().max()) for k in a)
+    assert update > 1e-4, update
+    assert diff <= 1e-3 * update, (diff, update)
+
+
 def _config_error(capsys, config: Path, *extra: str) -> str:
     """Run ``fit``, which must stop with a config error (status 2); returns the message."""
     with pytest.raises(SystemExit) as exit_info:

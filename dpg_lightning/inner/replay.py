@@ -359,6 +359,8 @@ def replay_rewards(
             value = value.detach()
             del final
             middle = time.perf_counter()
+            if progress is not None:  # the reverse pass begins (its first step may be long)
+                progress("attribution", 0, n_steps)
 
             # The adjoint lives only in ``adjoint`` (rebound every step): a second name for
             # the first one would keep a parameter-sized copy alive through the whole pass.
