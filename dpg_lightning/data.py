@@ -17,7 +17,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from dpg_lightning.errors import ConfigError
-from dpg_lightning.prompts import PromptStream, load_prompts, prompts_digest
+from dpg_lightning.prompts import TEXT, PromptStream, load_prompts, prompts_digest
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -52,7 +52,7 @@ class PromptDataModule(L.LightningDataModule):
         prompt_field: str = "text",
         prompt_split: str = "train",
         prompt_config: str | None = None,
-        prompt_template: str = "{text}",
+        prompt_template: str = TEXT,
         val_prompt_file: str | None = None,
         val_prompt_split: str | None = None,
     ) -> None:
