@@ -320,8 +320,8 @@ def render(plan: Plan, args: Namespace, where: dict[str, str], host: tuple[int, 
         f"  policy         {policy.num_iterations * r.updates} optimizer step(s) = "
         f"{policy.num_iterations} iteration(s) x {r.updates} minibatch(es) of "
         f"{r.minibatch} rollouts"
-        + (f", in micro-batches of {r.micro} (policy.micro_batch_size)"
-           if r.micro and r.micro < r.minibatch else ""),
+        + (f", in micro-batches of {r.policy_rows} (policy.micro_batch_size)"
+           if r.policy_rows < r.minibatch else ""),
         f"peak memory per device{'GiB':>38}",
         "  held through the step",
     ]
@@ -444,12 +444,12 @@ def knobs(plan: Plan, capacity: float) -> list[str]:
             size //= 2
         out.append(f"`model.sampling.generation_batch_size: {max(size, 1)}`")
     else:
-        rows = min(plan.rollout.minibatch, cfg.policy.micro_batch_size or plan.rollout.minibatch)
-        micro = [m for m in range(rows - 1, 0, -1) if rows % m == 0  # even micro-batches
-                 and _fits(replace(cfg, policy=replace(cfg.policy, micro_batch_size=m)),
-                           capacity)]
+        rows = plan.rollout.policy_rows
+        micro = next((m for m in range(rows - 1, 0, -1) if rows % m == 0  # even micro-batches
+                      and _fits(replace(cfg, policy=replace(cfg.policy, micro_batch_size=m)),
+                                capacity)), None)
         if micro:  # the same update, accumulated: the first knob to turn
-            out.append(f"`model.policy.micro_batch_size: {micro[0]}` (the same update)")
+            out.append(f"`model.policy.micro_batch_size: {micro}` (the same update)")
         n = plan.rollout.updates * 2
         while n < plan.rows and not _fits(replace(cfg, policy=replace(
                 cfg.policy, num_minibatches=n, minibatch_prompts=None)), capacity):

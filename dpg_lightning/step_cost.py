@@ -267,7 +267,12 @@ class Rollout:
     updates: int  # minibatches (optimizer steps) per pass
     compute_bytes: int  # activation dtype (2 under bf16 precision)
     reference: bool  # policy.beta > 0
-    micro: int | None = None  # rows per policy forward/backward (policy.micro_batch_size)
+    micro: int | None = None  # policy.micro_batch_size
+
+    @property
+    def policy_rows(self) -> int:
+        """Rows per policy-update forward/backward: a micro-batch, or the whole minibatch."""
+        return min(self.minibatch, self.micro or self.minibatch)
 
 
 def generator_persistent(shape: ModelShape, reference: bool) -> list[tuple[str, int]]:
@@ -302,7 +307,7 @@ def policy_update_bytes(shape: ModelShape, r: Rollout) -> list[tuple[str, int]]:
     without ``policy.micro_batch_size``): the blocks' first-order activations, the model's
     logits over prompt + completion, and 4 fp32 completion-logit copies (upcast, temperature,
     log-softmax, its gradient)."""
-    ctx, rows = r.prompt + r.new, min(r.minibatch, r.micro or r.minibatch)
+    ctx, rows = r.prompt + r.new, r.policy_rows
     acts = block_activation_bytes(shape, rows, ctx, FIRST_ORDER[shape.arch], r.compute_bytes)
     logits = rows * shape.vocab * (ctx * r.compute_bytes + 4 * r.new * 4)
     return [(f"activations, {rows} rows x {ctx} tokens", acts), ("policy logits", logits)]
