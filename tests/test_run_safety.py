@@ -54,11 +54,17 @@ def _args(root: Path, *extra: str) -> list[str]:
             f"--trainer.logger.init_args.save_dir={root}", *extra]
 
 
+def _foreground_sigint() -> None:
+    """SIGINT as a terminal's Ctrl-C finds it: a suite started as a background job (``make
+    test &``, ``nohup``) hands its children SIGINT ignored, which the run rightly respects."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(root: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "DPG_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "dpg_lightning", *_args(root, *extra)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_foreground_sigint)
 
 
 def _samples_steps(root: Path) -> list[int]:
