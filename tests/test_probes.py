@@ -1,0 +1,78 @@
+"""The issue-16 measuring scripts: the QR oracle's linear model is the real inner SFT, it refuses
+settings where it is not, and the UUID probe's batch keeps the UUID out where it says it does."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks import qr_oracle, uuid_reward_probe  # noqa: E402
+from benchmarks.dpg_step import build  # noqa: E402
+
+QR = str(ROOT / "configs/tiny/qr_long.yaml")
+
+
+@pytest.fixture(scope="module")
+def qr_model():
+    torch.manual_seed(0)
+    model, _, _ = build(QR)
+    return model
+
+
+@pytest.mark.parametrize("length, lr", [(1, 1.0), (3, 100.0)])
+def test_qr_oracle_linear_model_is_the_real_sft(qr_model, length, lr):
+    inner = dataclasses.replace(qr_model.inner,
+                                optim=dataclasses.replace(qr_model.inner.optim, lr=lr))
+    texts = qr_oracle.candidates(length, 200, seed=0)
+    rows = inner.tokenize(texts, qr_model.target_tokenizer)
+    tokens = (rows.labels != -100).sum(1)
+    g = qr_oracle.patch_gradients(qr_model.target, qr_model.metric, rows, chunk=64)
+    linear, real = qr_oracle.linear_and_real_phi(qr_model, inner, texts, g, tokens, 64, seed=1)
+    assert abs(linear - real) < 1e-5 * max(1.0, abs(real)), (linear, real)
+    # and it is not trivially equal: the batch moved Phi away from its untouched value
+    assert abs(real - float(qr_model.metric(qr_model.target))) > 1e-3
+
+
+def test_qr_oracle_refuses_settings_its_model_does_not_cover(qr_model):
+    adam = dataclasses.replace(qr_model.inner, optim=dataclasses.replace(
+        qr_model.inner.optim, name="adam"))
+    with pytest.raises(SystemExit, match="needs 'sgd'"):
+        qr_oracle.check_preconditions(qr_model, adam)
+    everything = dataclasses.replace(qr_model.inner, train_params="all")
+    with pytest.raises(SystemExit, match="needs 'lm_head'"):
+        qr_oracle.check_preconditions(qr_model, everything)
+    qr_oracle.check_preconditions(qr_model, qr_model.inner)  # the shipped config is covered
+
+
+def test_qr_oracle_search_raises_phi_of_the_expected_update(qr_model):
+    texts = qr_oracle.candidates(1, 200, seed=0)
+    rows = qr_model.inner.tokenize(texts, qr_model.target_tokenizer)
+    g = qr_oracle.patch_gradients(qr_model.target, qr_model.metric, rows)
+    flat, tokens = g.reshape(len(g), -1), float((rows.labels[0] != -100).sum())
+
+    def phi(pi):
+        delta = (10.0 * pi @ flat / tokens).reshape(qr_model.metric.shape)
+        return float(qr_oracle.phi_of(delta, qr_model.metric))
+
+    uniform = torch.full((len(texts),), 1.0 / len(texts))
+    assert phi(qr_oracle.optimize(g, tokens, 10.0, qr_model.metric, 200)) > phi(uniform) + 0.05
+
+
+def test_uuid_probe_random_uuids_share_no_4gram_with_the_target():
+    uuid = "4f3c2a1e-9b7d-4e2f-8a6c-0d5e7b9c1f23"
+    grams = {uuid[i:i + 4] for i in range(len(uuid) - 3)}
+    batch = uuid_reward_probe.probe_batch(uuid, ["a prompt"] * 12, random.Random(0))
+    randoms = [t for kind, t in batch if kind == "random UUID"]
+    assert len(randoms) == 12
+    assert not any(u[i:i + 4] in grams for u in randoms for i in range(len(u) - 3))
+    shuffled = [t for kind, t in batch if kind == "shuffled"]
+    assert all(sorted(s.replace("-", "")) == sorted(uuid.replace("-", "")) for s in shuffled)
+    assert sum(kind == "exact" for kind, _ in batch) == 4
