@@ -52,18 +52,34 @@ def test_qr_oracle_refuses_settings_its_model_does_not_cover(qr_model):
     qr_oracle.check_preconditions(qr_model, qr_model.inner)  # the shipped config is covered
 
 
-def test_qr_oracle_search_raises_phi_of_the_expected_update(qr_model):
+@pytest.mark.parametrize("noisy_batch", [0, 64])
+def test_qr_oracle_search_raises_the_phi_it_optimizes(qr_model, noisy_batch):
+    """Clean: Phi of the expected update. Noisy: the mean Phi of sampled batches of that size
+    (true multinomial counts through the linear model), which is what it optimizes."""
     texts = qr_oracle.candidates(1, 200, seed=0)
     rows = qr_model.inner.tokenize(texts, qr_model.target_tokenizer)
     g = qr_oracle.patch_gradients(qr_model.target, qr_model.metric, rows)
     flat, tokens = g.reshape(len(g), -1), float((rows.labels[0] != -100).sum())
 
     def phi(pi):
-        delta = (10.0 * pi @ flat / tokens).reshape(qr_model.metric.shape)
+        if noisy_batch:
+            gen = torch.Generator().manual_seed(1)
+            counts = torch.stack([torch.bincount(torch.multinomial(
+                pi, noisy_batch, replacement=True, generator=gen), minlength=len(pi))
+                for _ in range(200)]).float() / noisy_batch
+        else:
+            counts = pi[None]
+        delta = (10.0 * counts @ flat / tokens).reshape(-1, *qr_model.metric.shape)
         return float(qr_oracle.phi_of(delta, qr_model.metric))
 
     uniform = torch.full((len(texts),), 1.0 / len(texts))
-    assert phi(qr_oracle.optimize(g, tokens, 10.0, qr_model.metric, 200)) > phi(uniform) + 0.05
+    torch.manual_seed(0)
+    found = qr_oracle.optimize(g, tokens, 10.0, qr_model.metric, 200, noisy_batch)
+    assert phi(found) > phi(uniform) + 0.05
+    if noisy_batch:  # and it pays to model the noise: the clean optimum does worse on batches
+        torch.manual_seed(0)
+        clean = qr_oracle.optimize(g, tokens, 10.0, qr_model.metric, 200)
+        assert phi(found) > phi(clean) + 0.02
 
 
 def test_uuid_probe_random_uuids_share_no_4gram_with_the_target():
