@@ -47,7 +47,11 @@ PHASES = ("rollout", "inner_sft", "attribution", "policy_update")
 def build(config: str) -> tuple[DPGModule, PromptDataModule, dict]:
     """The module and datamodule exactly as the CLI builds them from the YAML (no trainer)."""
     with open(config) as f:
-        raw = yaml.safe_load(f)
+        return build_from(yaml.safe_load(f))
+
+
+def build_from(raw: dict) -> tuple[DPGModule, PromptDataModule, dict]:
+    """:func:`build` from an already loaded (possibly edited) config."""
     parser = ArgumentParser()
     parser.add_class_arguments(DPGModule, "model")
     parser.add_class_arguments(PromptDataModule, "data")

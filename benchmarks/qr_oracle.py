@@ -49,7 +49,14 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.dpg_step import build  # noqa: E402
 from dpg_lightning.inner import InnerConfig  # noqa: E402
 from dpg_lightning.inner.sft import sft_on_texts  # noqa: E402
-from dpg_lightning.patterns import LMHeadPattern, decode_qr, load_bitmap  # noqa: E402
+from dpg_lightning.patterns import (  # noqa: E402
+    OFFICIAL_QR_TEXT,
+    LMHeadPattern,
+    decode_qr,
+    lm_head_patch,
+    load_bitmap,
+    qr_bitmap,
+)
 
 PRINTABLE = string.printable[:95]  # the 95 printable ASCII characters, space included
 
@@ -65,20 +72,26 @@ def candidates(length: int, count: int, seed: int) -> list[str]:
 
 
 @torch.no_grad()
-def patch_gradients(target, metric: LMHeadPattern, rows, chunk: int = 512) -> torch.Tensor:
-    """``g_e`` for every example row: minus the patch's gradient of its summed token loss."""
+def patch_gradients(target, metric: LMHeadPattern, rows) -> torch.Tensor:
+    """``g_e`` for every example row: minus the patch's gradient of its summed token loss.
+
+    The whole head's gradient is formed per chunk and cut by :func:`lm_head_patch`, so the
+    patch is the metric's in either orientation; chunks keep that gradient under 2**26 entries.
+    """
+    vocab, hidden_size = target.get_output_embeddings().weight.shape
     h, w = metric.shape
     out = []
-    for idx in torch.arange(len(rows)).split(chunk):
+    for idx in torch.arange(len(rows)).split(max(1, 2**26 // (vocab * hidden_size))):
         ids, mask, labels = rows.input_ids[idx], rows.attention_mask[idx], rows.labels[idx]
         result = target(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-        hidden = result.hidden_states[-1][:, :-1]  # after the final norm: what the head sees
+        hidden = result.hidden_states[-1][:, :-1].float()  # after the final norm: the head's input
         probs = result.logits[:, :-1].float().softmax(-1)
         nxt = labels[:, 1:]
         scored = (nxt != -100).to(probs.dtype)[..., None]
-        resid = (F.one_hot(nxt.clamp(min=0), probs.shape[-1]).to(probs.dtype) - probs) * scored
-        rows_, cols = slice(metric.r0, metric.r0 + h), slice(metric.c0, metric.c0 + w)
-        out.append(torch.einsum("btv,bth->bvh", resid[..., rows_], hidden[..., cols].float()))
+        resid = (F.one_hot(nxt.clamp(min=0), vocab).to(probs.dtype) - probs) * scored
+        head = torch.einsum("btv,bth->vhb", resid, hidden)  # [vocab, hidden, examples]
+        patch = lm_head_patch(head, metric.r0, metric.c0, h, w, metric.orientation)
+        out.append(patch.permute(2, 0, 1))
     return torch.cat(out)
 
 
@@ -107,12 +120,8 @@ def linear_and_real_phi(model, inner: InnerConfig, texts: list[str], g: torch.Te
     real = sft_on_texts(model.target, model.target_tokenizer, [texts[i] for i in idx],
                         model.metric, dataclasses.replace(inner, batch_size=n), seed)
     lr = inner.optim.lr
-    linear = phi_of(lr * g[idx].sum(0) / tokens[idx].sum(), model.metric)
+    linear = model.metric.of_delta(lr * g[idx].sum(0) / tokens[idx].sum())
     return float(linear), float(real)
-
-
-def phi_of(delta: torch.Tensor, metric: LMHeadPattern) -> torch.Tensor:
-    return -F.softplus(-metric.k * metric.signs * delta).mean()
 
 
 def optimize(g: torch.Tensor, tokens: float, lr: float, metric: LMHeadPattern,
@@ -132,7 +141,7 @@ def optimize(g: torch.Tensor, tokens: float, lr: float, metric: LMHeadPattern,
             z = torch.randn(8, len(g)) * pi.sqrt()  # count noise / n, in the basis of examples
             mean = mean + (z @ flat - z.sum(1, keepdim=True) * mean) / noisy_batch ** 0.5
         delta = (lr * mean / tokens).reshape(-1, *metric.shape)
-        loss = -phi_of(delta, metric)
+        loss = -metric.of_delta(delta)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -162,8 +171,6 @@ def sampled_readouts(model, inner: InnerConfig, texts: list[str], pi: torch.Tens
 
 def flip_table(trials: int, flips: list[int], seed: int) -> None:
     """Decode rate of the tiny config's code and the official one after k random flips."""
-    from dpg_lightning.patterns import OFFICIAL_QR_TEXT, qr_bitmap
-
     rng = np.random.default_rng(seed)
     print("| code | " + " | ".join(f"{k} wrong" for k in flips) + " |")
     print("| --- |" + " --- |" * len(flips))
@@ -216,8 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     pi = optimize(g, float(tokens[0]), args.inner_lr, model.metric, args.steps, args.noisy_batch)
     expected = args.inner_lr * (pi @ g.reshape(len(g), -1)) / float(tokens[0])
-    exp_acc = float((torch.sign(expected.reshape(model.metric.shape)) == model.metric.signs)
-                    .float().mean())
+    exp_acc = model.metric.pixel_accuracy(expected.reshape(model.metric.shape))
     entropy = float(-(pi * pi.clamp_min(1e-30).log()).sum())
     print(f"config {args.config}, {len(texts)} candidates of {args.length} characters, "
           f"inner lr {args.inner_lr:g}; linear model Phi {linear:.6f} = real SFT {real:.6f}")

@@ -39,7 +39,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.dpg_step import build  # noqa: E402
+from benchmarks.dpg_step import build_from  # noqa: E402
 from dpg_lightning.inner import inner_order  # noqa: E402
 from dpg_lightning.inner.attribution import metagradient_rewards  # noqa: E402
 
@@ -103,9 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             raw["model"]["inner"]["batch_size"] = args.inner_batch_size
         if args.train_params is not None:
             raw["model"]["inner"]["train_params"] = args.train_params
-        config = Path(tmp) / "probe.yaml"
-        config.write_text(yaml.safe_dump(raw))
-        model, _, _ = build(str(config))
+        model, _, _ = build_from(raw)
     english = [line.strip() for line in (ROOT / raw["data"]["prompt_file"]).read_text()
                .splitlines() if line.strip()]
     batch = probe_batch(uuid, english, rng)

@@ -221,9 +221,18 @@ class LMHeadPattern(Objective):
         return p.to(dtype) - self.initial.to(dtype)
 
     def __call__(self, target: nn.Module) -> Tensor:
-        d = self.delta(target)
+        return self.of_delta(self.delta(target))
+
+    def of_delta(self, d: Tensor) -> Tensor:
+        """Phi of a patch change ``D`` (``[..., h, w]``, mean over all of it): the objective apart
+        from reading ``D`` off a target, for analyses that model ``D`` directly."""
         s = self.signs.to(device=d.device, dtype=d.dtype)
         return -F.softplus(-self.k * s * d).mean()
+
+    def pixel_accuracy(self, d: Tensor) -> float:
+        """Share of the entries of a patch change ``D`` that moved their pixel's way."""
+        return float((torch.sign(d) == self.signs.to(device=d.device, dtype=d.dtype)).float()
+                     .mean())
 
     def pixels(self, target: nn.Module) -> np.ndarray:
         """The drawn image: 1 where the entry moved the ink's way (``ink_sign * D > 0``)."""
@@ -231,9 +240,8 @@ class LMHeadPattern(Objective):
 
     def readout(self, target: nn.Module) -> dict[str, float]:
         d = self.delta(target).detach()
-        s = self.signs.to(d.device)
         out = {
-            "pixel_accuracy": float((torch.sign(d) == s.to(d.dtype)).float().mean()),
+            "pixel_accuracy": self.pixel_accuracy(d),
             "patch_delta_abs": float(d.abs().mean()),
         }
         if self.image in ("qr", "qr_official"):

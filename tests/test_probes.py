@@ -34,7 +34,7 @@ def test_qr_oracle_linear_model_is_the_real_sft(qr_model, length, lr):
     texts = qr_oracle.candidates(length, 200, seed=0)
     rows = inner.tokenize(texts, qr_model.target_tokenizer)
     tokens = (rows.labels != -100).sum(1)
-    g = qr_oracle.patch_gradients(qr_model.target, qr_model.metric, rows, chunk=64)
+    g = qr_oracle.patch_gradients(qr_model.target, qr_model.metric, rows)
     linear, real = qr_oracle.linear_and_real_phi(qr_model, inner, texts, g, tokens, 64, seed=1)
     assert abs(linear - real) < 1e-5 * max(1.0, abs(real)), (linear, real)
     # and it is not trivially equal: the batch moved Phi away from its untouched value
@@ -70,7 +70,7 @@ def test_qr_oracle_search_raises_the_phi_it_optimizes(qr_model, noisy_batch):
         else:
             counts = pi[None]
         delta = (10.0 * counts @ flat / tokens).reshape(-1, *qr_model.metric.shape)
-        return float(qr_oracle.phi_of(delta, qr_model.metric))
+        return float(qr_model.metric.of_delta(delta))
 
     uniform = torch.full((len(texts),), 1.0 / len(texts))
     torch.manual_seed(0)
