@@ -7,6 +7,7 @@ import dataclasses
 import random
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import qr_oracle, uuid_reward_probe  # noqa: E402
 from benchmarks.dpg_step import build  # noqa: E402
+from dpg_lightning.patterns import LMHeadPattern  # noqa: E402
 
 QR = str(ROOT / "configs/tiny/qr_long.yaml")
 
@@ -39,6 +41,22 @@ def test_qr_oracle_linear_model_is_the_real_sft(qr_model, length, lr):
     assert abs(linear - real) < 1e-5 * max(1.0, abs(real)), (linear, real)
     # and it is not trivially equal: the batch moved Phi away from its untouched value
     assert abs(real - float(qr_model.metric(qr_model.target))) > 1e-3
+
+
+def test_qr_oracle_linear_model_follows_the_paper_orientation(qr_model):
+    """``hidden_rows`` (the paper's): image rows are hidden units, columns vocabulary ids."""
+    metric = LMHeadPattern(image="67", row_offset=3, col_offset=100, orientation="hidden_rows",
+                           ink_sign=-1)
+    metric.setup(qr_model.target)
+    model = SimpleNamespace(target=qr_model.target, metric=metric,
+                            target_tokenizer=qr_model.target_tokenizer)
+    texts = qr_oracle.candidates(3, 200, seed=0)
+    rows = qr_model.inner.tokenize(texts, qr_model.target_tokenizer)
+    tokens = (rows.labels != -100).sum(1)
+    g = qr_oracle.patch_gradients(qr_model.target, metric, rows)
+    assert g.shape[1:] == metric.shape
+    linear, real = qr_oracle.linear_and_real_phi(model, qr_model.inner, texts, g, tokens, 64, 1)
+    assert abs(linear - real) < 1e-5 * max(1.0, abs(real)), (linear, real)
 
 
 def test_qr_oracle_refuses_settings_its_model_does_not_cover(qr_model):
