@@ -107,6 +107,8 @@ def test_uuid_probe_random_uuids_share_no_4gram_with_the_target():
     randoms = [t for kind, t in batch if kind == "random UUID"]
     assert len(randoms) == 12
     assert not any(u[i:i + 4] in grams for u in randoms for i in range(len(u) - 3))
+    corpus = uuid_reward_probe.random_uuids(400, uuid, random.Random(1))  # the pretraining set
+    assert not any(u[i:i + 4] in grams for u in corpus for i in range(len(u) - 3))
     shuffled = [t for kind, t in batch if kind == "shuffled"]
     assert all(sorted(s.replace("-", "")) == sorted(uuid.replace("-", "")) for s in shuffled)
     assert sum(kind == "exact" for kind, _ in batch) == 4
