@@ -117,7 +117,7 @@ class GeneratorLanguageShare(L.Callback):
 
     def __init__(self, source_file: str = "configs/tiny/data/en.txt",
                  new_file: str = "configs/tiny/data/es.txt", key: str = "es_share") -> None:
-        from dpg_lightning.pretrain import read_texts
+        from dpg_lightning.models.pretrain import read_texts
 
         super().__init__()
         self.source, self.new, self.key = read_texts(source_file), read_texts(new_file), key
@@ -202,9 +202,9 @@ def drawn_patch(cli, final: dict[str, float]) -> dict:
     import numpy as np
     import torch
 
-    from dpg_lightning.patterns import decode_qr
-    from dpg_lightning.rollout import sample_rollout
-    from dpg_lightning.seeds import derive_seed
+    from dpg_lightning.common.seeds import derive_seed
+    from dpg_lightning.dpg.rollout import sample_rollout
+    from dpg_lightning.metrics.patterns import decode_qr
 
     module, metric = cli.model, cli.model.metric
     prompts = next(iter(cli.datamodule.val_dataloader()))

@@ -36,7 +36,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from lightning.pytorch.loggers import CSVLogger
 
-from dpg_lightning.data import PromptDataModule
+from dpg_lightning.datamodule import PromptDataModule
 from dpg_lightning.module import DPGModule
 
 ROOT = Path(__file__).resolve().parent.parent

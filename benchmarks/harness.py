@@ -40,10 +40,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from dpg_lightning.data.tokenization import TokenRows, tokenize_examples
 from dpg_lightning.inner import per_example_loss
-from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
-from dpg_lightning.objectives import LMHeadL2Norm
-from dpg_lightning.tokenization import TokenRows, tokenize_examples
+from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
+from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
 
 #: Target shapes (GPT-2 or Llama blocks, random weights built from config, no download).
 SIZES = {

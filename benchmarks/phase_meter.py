@@ -1,7 +1,7 @@
 """A callback that times each phase of a DPG step and records its peak memory.
 
 It listens to the module's phase reports (``rollout``, ``inner SFT``, ``attribution``,
-``policy update``: :class:`dpg_lightning.progress.PhaseReporter`), so it needs the progress bar
+``policy update``: :class:`dpg_lightning.run.progress.PhaseReporter`), so it needs the progress bar
 off (one listener). Peak memory per phase: on CUDA ``max_memory_allocated`` since the phase
 began; on the CPU the resident-set high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs`` when a phase begins), both minus the memory live when the meter was
@@ -20,7 +20,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from dpg_lightning.progress import PhaseReporter
+from dpg_lightning.run.progress import PhaseReporter
 
 
 def _status(key: str) -> int:

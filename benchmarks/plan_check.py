@@ -7,7 +7,7 @@ For each target shape it runs ONE ``replay`` metagradient with ``inner.micro_bat
 child process (glibc told to hand freed buffers back to the OS, peak = resident-set high-water
 mark minus the resident set before the call: ``harness.measure``, whose docstring says why) and
 compares that peak with the planner's estimate of the same quantity: everything the inner SFT
-adds above the target's weights on the device (:func:`dpg_lightning.step_cost.inner_terms`:
+adds above the target's weights on the device (:func:`dpg_lightning.planning.cost.inner_terms`:
 optimizer moments, carried adjoint, HVP buffers, one micro-batch's double-backward graph).
 Checkpoints go to disk (``storage: disk``), as they would leave a GPU, so they are not in the
 resident set.
@@ -45,6 +45,7 @@ import tempfile
 import torch
 from harness import MALLOC_ENV, machine_line, measure
 
+from dpg_lightning.data.tokenization import TokenRows
 from dpg_lightning.inner import (
     InnerConfig,
     InnerOptimConfig,
@@ -53,16 +54,15 @@ from dpg_lightning.inner import (
     metagradient_rewards,
     per_example_loss,
 )
-from dpg_lightning.model_shapes import ModelShape
-from dpg_lightning.models import ModelConfig, build_model
-from dpg_lightning.step_cost import (
+from dpg_lightning.models.build import ModelConfig, build_model
+from dpg_lightning.planning.cost import (
     FIRST_ORDER,
     HVP_TURN,
     LOGITS_HVP_TURN,
     Inner,
     inner_terms,
 )
-from dpg_lightning.tokenization import TokenRows
+from dpg_lightning.planning.shapes import ModelShape
 
 VOCAB = 50257
 STEPS = 2

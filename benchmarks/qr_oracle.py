@@ -49,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.dpg_step import build  # noqa: E402
 from dpg_lightning.inner import InnerConfig  # noqa: E402
 from dpg_lightning.inner.sft import sft_on_texts  # noqa: E402
-from dpg_lightning.patterns import (  # noqa: E402
+from dpg_lightning.metrics.patterns import (  # noqa: E402
     OFFICIAL_QR_TEXT,
     LMHeadPattern,
     decode_qr,
@@ -128,7 +128,7 @@ def optimize(g: torch.Tensor, tokens: float, lr: float, metric: LMHeadPattern,
              steps: int, noisy_batch: int = 0) -> torch.Tensor:
     """``pi`` maximizing ``Phi(lr * pi @ g / T)`` over the simplex (concave: Adam finds it).
 
-    ``noisy_batch = n > 0`` maximizes ``E[Phi]`` of a sampled batch of n examples instead: the
+    ``noisy_batch = n > 0`` maximizes ``E[MetricFn]`` of a sampled batch of n examples instead: the
     counts' multinomial noise in its Gaussian approximation, 8 reparameterized draws per step.
     """
     logits = torch.zeros(len(g), requires_grad=True)

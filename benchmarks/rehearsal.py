@@ -69,7 +69,7 @@ SCALES = {
 
 def chat_tokenizer(directory: Path) -> Path:
     """The byte tokenizer with Llama-3's special tokens and chat template, saved locally."""
-    from dpg_lightning.models import byte_tokenizer
+    from dpg_lightning.models.build import byte_tokenizer
 
     tok = byte_tokenizer()
     tok.add_special_tokens({"bos_token": "<|begin_of_text|>", "additional_special_tokens": [
@@ -111,7 +111,7 @@ def write_config(scale: str, device: str, out: Path) -> Path:
                        "minibatch_prompts": s["minibatch_prompts"],
                        "loss_aggregation": "token_mean", "lr": 5e-6, "weight_decay": 0.01,
                        "max_grad_norm": 1.0},
-            "metric": {"class_path": "dpg_lightning.objectives.LMHeadL2Norm"},
+            "metric": {"class_path": "dpg_lightning.metrics.l2_norm.LMHeadL2Norm"},
         },
         "data": {"prompt_file": str(ROOT / "configs/tiny/data/rephrase_prompts.txt"),
                  "prompt_template": "Rephrase this article: {text}",

@@ -1,6 +1,6 @@
 """Where observing callbacks write, and how their files survive a resume.
 
-A run keeps one directory across interruptions (``dpg_lightning.run_dir``), so a resumed run
+A run keeps one directory across interruptions (``dpg_lightning.run.run_dir``), so a resumed run
 appends to the files of the attempts before it. Rows an attempt wrote after its last checkpoint
 belong to steps that the resume redoes: :func:`drop_rows_from` removes them first, so each step
 appears once. Under ``fast_dev_run`` Lightning writes no logs or checkpoints, and neither do

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MaxMetric, MeanMetric, Metric, MinMetric, SumMetric
 
-from dpg_lightning.step_output import StepOutput
+from dpg_lightning.dpg.step_output import StepOutput
 
 
 class VarianceMetric(Metric):

@@ -20,8 +20,8 @@ from matplotlib.ticker import MaxNLocator
 from PIL import Image
 
 from callbacks.files import drop_rows_from, run_dir, writes_files
-from dpg_lightning.patterns import Orientation, decode_qr, lm_head_patch, load_bitmap
-from dpg_lightning.step_output import StepOutput
+from dpg_lightning.dpg.step_output import StepOutput
+from dpg_lightning.metrics.patterns import Orientation, decode_qr, lm_head_patch, load_bitmap
 
 
 def _log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
@@ -103,7 +103,7 @@ def load_image(
 ) -> np.ndarray | None:
     """A 2-D float array from an array, a ``.npy`` file, or a pattern name (``None`` passes).
 
-    Any other string goes to :func:`dpg_lightning.patterns.load_bitmap` (``67``, ``qr`` with
+    Any other string goes to :func:`dpg_lightning.metrics.patterns.load_bitmap` (``67``, ``qr`` with
     ``qr_text``, a black/white ``.png``), so the callback can name the same image as the
     pattern objective in a config.
     """
@@ -154,9 +154,9 @@ class LMHeadPatchImage(L.Callback):
         height, width: patch size.
         orientation: how the image lies in the head ``W[vocab, hidden]``: ``vocab_rows`` (image
             rows are vocabulary rows) or ``hidden_rows`` (the paper's layout), as the pattern
-            objective's option (:func:`dpg_lightning.patterns.lm_head_patch`).
+            objective's option (:func:`dpg_lightning.metrics.patterns.lm_head_patch`).
         target_image: the intended picture, ``height x width``: an array, a ``.npy`` path, or
-            a pattern name of ``dpg_lightning.patterns`` (``67``, ``qr``, a ``.png`` path).
+            a pattern name of ``dpg_lightning.metrics.patterns`` (``67``, ``qr``, a ``.png`` path).
         qr_text: the text of ``target_image: qr``.
         every_n_steps: render every N training steps.
         dirname: output folder inside the run directory.

@@ -15,7 +15,7 @@ import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
 from callbacks.files import drop_rows_from, run_dir, writes_files
-from dpg_lightning.step_output import StepOutput
+from dpg_lightning.dpg.step_output import StepOutput
 
 COLUMNS = ["step", "rank", "prompt", "text", "reward", "advantage"]
 

@@ -7,8 +7,8 @@ short: validation runs a plain SFT and needs autograd (``inference_mode: false``
 prompt stream is endless, so validation is scheduled every ``val_check_interval`` steps.
 
 Before anything is built the CLI resolves the run's directory and checkpoint
-(:mod:`dpg_lightning.run_dir`) and checks the config on this machine
-(:mod:`dpg_lightning.preflight`); an error the user can act on prints one line and exits non-zero
+(:mod:`dpg_lightning.run.run_dir`) and checks the config on this machine
+(:mod:`dpg_lightning.run.preflight`); an error the user can act on prints one line and exits non-zero
 (:func:`exit_on_run_error`); a run stopped by SIGTERM/SIGINT exits ``128 + signal``.
 """
 
@@ -23,15 +23,15 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
-from dpg_lightning.checkpoints import AtomicCheckpointIO, check_checkpoint_config
-from dpg_lightning.data import PromptDataModule
-from dpg_lightning.errors import RunError
+from dpg_lightning.common.errors import RunError
+from dpg_lightning.datamodule import PromptDataModule
+from dpg_lightning.inner.shared_sft import close_process_group
 from dpg_lightning.module import DPGModule
-from dpg_lightning.preflight import check_run
-from dpg_lightning.run_dir import report, resolve_run
-from dpg_lightning.shared_sft import close_process_group
-from dpg_lightning.shutdown import GracefulShutdown
-from dpg_lightning.threads import configure_threads
+from dpg_lightning.run.checkpoints import AtomicCheckpointIO, check_checkpoint_config
+from dpg_lightning.run.preflight import check_run
+from dpg_lightning.run.run_dir import report, resolve_run
+from dpg_lightning.run.shutdown import GracefulShutdown
+from dpg_lightning.run.threads import configure_threads
 
 #: The commands, as ``--help`` lists them.
 COMMANDS = {

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
-from dpg_lightning.data import PromptDataModule
+from dpg_lightning.datamodule import PromptDataModule
 from dpg_lightning.module import DPGModule
 
 

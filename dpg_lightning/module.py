@@ -19,28 +19,29 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from dpg_lightning.checkpoints import check_checkpoint_config
-from dpg_lightning.divergence import DivergenceGuard, StepNumbers, check_validation_phi
-from dpg_lightning.errors import check_choice, check_int_at_least, require
-from dpg_lightning.inner import InnerConfig, Phi, inner_order, sft_on_texts, trainable_names
-from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
-from dpg_lightning.objectives import LMHeadL2Norm, Objective, check_objective
-from dpg_lightning.policy import PolicyConfig, accumulate_policy_loss
-from dpg_lightning.pretrain import maybe_pretrain
-from dpg_lightning.progress import PhaseReporter, phase_progress_bar
-from dpg_lightning.rewards import DatasetReward, MetagradientReward
-from dpg_lightning.rollout import (
+from dpg_lightning.common.errors import check_choice, check_int_at_least, require
+from dpg_lightning.common.seeds import derive_seed
+from dpg_lightning.dpg.policy import PolicyConfig, accumulate_policy_loss
+from dpg_lightning.dpg.rewards import DatasetReward, MetagradientReward
+from dpg_lightning.dpg.rollout import (
     SamplingConfig,
     completion_logprobs,
     sample_rollout,
     uses_chat_template,
 )
-from dpg_lightning.run_dir import RememberWandbRun
-from dpg_lightning.seeds import derive_seed
-from dpg_lightning.shared_sft import SFTPlan, all_gather_cat, plan_sft, world_info
-from dpg_lightning.shutdown import GracefulShutdown
-from dpg_lightning.slurm import SlurmRequeue, check_slurm_launch
-from dpg_lightning.step_output import StepOutput
+from dpg_lightning.dpg.step_output import StepOutput
+from dpg_lightning.inner import InnerConfig, MetricFn, inner_order, sft_on_texts, trainable_names
+from dpg_lightning.inner.shared_sft import SFTPlan, all_gather_cat, plan_sft, world_info
+from dpg_lightning.metrics.base import Metric, check_metric
+from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
+from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
+from dpg_lightning.models.pretrain import maybe_pretrain
+from dpg_lightning.run.checkpoints import check_checkpoint_config
+from dpg_lightning.run.divergence import DivergenceGuard, StepNumbers, check_validation_phi
+from dpg_lightning.run.progress import PhaseReporter, phase_progress_bar
+from dpg_lightning.run.run_dir import RememberWandbRun
+from dpg_lightning.run.shutdown import GracefulShutdown
+from dpg_lightning.run.slurm import SlurmRequeue, check_slurm_launch
 
 
 class DPGModule(L.LightningModule):
@@ -60,7 +61,7 @@ class DPGModule(L.LightningModule):
         distributed: with several ranks, ``shared`` (default) runs ONE inner SFT over all
             ranks' examples (exact rewards; gradients all-reduced inside the differentiable
             loop); ``independent`` gives each rank its own SFT on its own examples (an
-            approximation, no inner communication). See :mod:`dpg_lightning.shared_sft`.
+            approximation, no inner communication). See :mod:`dpg_lightning.inner.shared_sft`.
         max_nonfinite_steps: consecutive training steps with non-finite rewards, Phi or inner
             loss after which the run stops with an error (a single one is skipped). A
             non-finite validation Phi stops the run at once.
@@ -69,14 +70,14 @@ class DPGModule(L.LightningModule):
         sft_groups: ``all`` (one inner SFT over the step's set) or ``inverse``: the set split
             into ``samples_per_prompt`` groups, the k-th sample of every prompt, each with its
             own SFT (the paper's naive baseline with ``reward: dataset``, and its "no
-            cross-group batching" ablation with ``reward: dpg``); see ``dpg_lightning.rewards``.
+            cross-group batching" ablation with ``reward: dpg``); see ``dpg_lightning.dpg.rewards``.
     """
 
     def __init__(
         self,
         generator: ModelConfig | None = None,
         target: ModelConfig | None = None,
-        metric: Objective | None = None,
+        metric: Metric | None = None,
         inner: InnerConfig | None = None,
         sampling: SamplingConfig | None = None,
         policy: PolicyConfig | None = None,
@@ -135,7 +136,7 @@ class DPGModule(L.LightningModule):
             self.reference = copy.deepcopy(self.generator).requires_grad_(False)
         self.metric.bind_tokenizer(self.target_tokenizer)
         self.metric.setup(self.target)
-        self.phi_initial = check_objective(
+        self.phi_initial = check_metric(
             self.metric, self.target, trainable_names(self.target, self.inner.train_params)
         )
 
@@ -323,7 +324,7 @@ class DPGModule(L.LightningModule):
 
     # ---------------------------------------------------------------- validation
 
-    def sft_on_texts(self, texts: list[str], phi: Phi) -> torch.Tensor:
+    def sft_on_texts(self, texts: list[str], phi: MetricFn) -> torch.Tensor:
         """``phi`` of the target after a plain inner SFT (this run's settings) on ``texts``:
         what this data teaches the target. Validation and observing callbacks use it."""
         with self._target_precision():

@@ -5,7 +5,7 @@ builds no model and needs no GPU, and prints for one DPG step: rollouts and toke
 steps and micro-batches, the estimated peak memory per device itemised by phase (rollout,
 inner SFT, policy update, on top of what the whole step holds), ``replay``'s checkpoint
 storage, and FLOPs with a time at ``--tflops`` x ``--mfu``. The memory/FLOP model, and where
-model shapes come from without any network, is :mod:`dpg_lightning.step_cost`; its accuracy
+model shapes come from without any network, is :mod:`dpg_lightning.planning.cost`; its accuracy
 is measured in ``benchmarks/README.md`` ("Planner check").
 
 Exit status: 0 when the step fits; 2 for a config that cannot run (``ConfigError``, as ``fit``
@@ -25,15 +25,14 @@ from pathlib import Path
 
 from jsonargparse import ArgumentParser, Namespace
 
+from dpg_lightning.common.errors import ConfigError, RunError
 from dpg_lightning.config_parser import run_config_parser
-from dpg_lightning.errors import ConfigError, RunError
+from dpg_lightning.dpg.policy import PolicyConfig
+from dpg_lightning.dpg.rollout import SamplingConfig
 from dpg_lightning.inner import InnerConfig
 from dpg_lightning.inner.replay_storage import checkpoint_steps
-from dpg_lightning.model_shapes import SHAPE_KEYS, ModelShape, resolve_shape
-from dpg_lightning.models import ModelConfig
-from dpg_lightning.policy import PolicyConfig
-from dpg_lightning.rollout import SamplingConfig
-from dpg_lightning.step_cost import (
+from dpg_lightning.models.build import ModelConfig
+from dpg_lightning.planning.cost import (
     GiB,
     Inner,
     Rollout,
@@ -45,6 +44,7 @@ from dpg_lightning.step_cost import (
     slots,
     step_flops,
 )
+from dpg_lightning.planning.shapes import SHAPE_KEYS, ModelShape, resolve_shape
 
 
 class PlanDoesNotFit(RunError):

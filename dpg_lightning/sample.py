@@ -23,14 +23,14 @@ from jsonargparse import ArgumentParser, Namespace
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dpg_lightning.checkpoints import check_checkpoint_config, plain
+from dpg_lightning.common.errors import ConfigError, RunError
 from dpg_lightning.config_parser import run_config_parser
-from dpg_lightning.errors import ConfigError, RunError
-from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
-from dpg_lightning.preflight import check_ckpt_path, check_model_source
-from dpg_lightning.prompts import load_prompts
-from dpg_lightning.rollout import SamplingConfig, sample_rollout, uses_chat_template
-from dpg_lightning.run_dir import unreadable
+from dpg_lightning.data.prompts import load_prompts
+from dpg_lightning.dpg.rollout import SamplingConfig, sample_rollout, uses_chat_template
+from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
+from dpg_lightning.run.checkpoints import check_checkpoint_config, plain
+from dpg_lightning.run.preflight import check_ckpt_path, check_model_source
+from dpg_lightning.run.run_dir import unreadable
 
 
 def _parser(command: str, description: str) -> ArgumentParser:

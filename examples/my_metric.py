@@ -4,12 +4,12 @@ Point a config at it (run from the repository root, or put this directory on PYT
 
     model:
       metric:
-        class_path: dpg_lightning.user_metric.FunctionObjective
+        class_path: dpg_lightning.metrics.user_metric.FunctionMetric
         init_args:
           fn: examples.my_metric.my_metric
 
 ``python -m dpg_lightning fit --config configs/tiny/l2_norm.yaml --model.metric
-dpg_lightning.user_metric.FunctionObjective --model.metric.fn examples.my_metric.my_metric``
+dpg_lightning.metrics.user_metric.FunctionMetric --model.metric.fn examples.my_metric.my_metric``
 does the same from the command line.
 
 Rules (checked at start-up): return a finite scalar tensor, higher is better, computed from the

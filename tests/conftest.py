@@ -7,7 +7,7 @@ import torch
 
 from dpg_lightning.inner import run_sft
 from dpg_lightning.inner.optim import InnerOptimConfig
-from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
+from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
 
 # Tiny models gain nothing from intra-op threads, and on a loaded 2-core box two threads per
 # test process were seen to be ~50x slower than one.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpg_lightning.advantages import compute_advantages
+from dpg_lightning.dpg.advantages import compute_advantages
 
 
 def test_group_baseline_and_scaling_per_prompt():

@@ -31,10 +31,10 @@ from callbacks import (
 from callbacks.metrics import VarianceMetric
 from callbacks.plots import read_drawn_qr
 from callbacks.samples import select_rows
-from dpg_lightning.data import PromptDataModule
-from dpg_lightning.patterns import load_bitmap
+from dpg_lightning.datamodule import PromptDataModule
+from dpg_lightning.dpg.step_output import StepOutput
+from dpg_lightning.metrics.patterns import load_bitmap
 from dpg_lightning.sample import export_main, sample_main
-from dpg_lightning.step_output import StepOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {"arch": "gpt2", "hidden_size": 32, "num_layers": 1, "num_heads": 2,

@@ -53,7 +53,7 @@ def test_print_config(capsys):
         main(["fit", "--config", CONFIG, "--print_config"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert "class_path: dpg_lightning.objectives.LMHeadL2Norm" in out and "inner:" in out
+    assert "class_path: dpg_lightning.metrics.l2_norm.LMHeadL2Norm" in out and "inner:" in out
 
 
 def test_unknown_key_is_named(capsys):
@@ -64,8 +64,8 @@ def test_unknown_key_is_named(capsys):
 
 
 def test_nonfinite_rewards_skip_the_update_and_training_goes_on(tmp_path, monkeypatch):
+    import dpg_lightning.dpg.rewards as rewards
     import dpg_lightning.module as module
-    import dpg_lightning.rewards as rewards
 
     def nan_rewards(target, data, phi, cfg, order, **kwargs):
         n = len(data)

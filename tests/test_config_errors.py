@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from dpg_lightning import module, preflight
+from dpg_lightning import module
 from dpg_lightning.cli import main
+from dpg_lightning.run import preflight
 
 CONFIG = "configs/tiny/l2_norm.yaml"
 ROOT = Path(__file__).resolve().parents[1]

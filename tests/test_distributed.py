@@ -20,6 +20,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dpg_lightning.data.tokenization import tokenize_examples
+from dpg_lightning.dpg.policy import policy_loss
+from dpg_lightning.dpg.rollout import SamplingConfig, completion_logprobs, sample_rollout
 from dpg_lightning.inner import (
     InnerConfig,
     dataset_reward,
@@ -27,18 +30,15 @@ from dpg_lightning.inner import (
     per_example_loss,
 )
 from dpg_lightning.inner.optim import InnerOptimConfig
-from dpg_lightning.models import ModelConfig, build_model, byte_tokenizer
-from dpg_lightning.policy import policy_loss
-from dpg_lightning.rollout import SamplingConfig, completion_logprobs, sample_rollout
-from dpg_lightning.shared_sft import (
+from dpg_lightning.inner.shared_sft import (
     WorldInfo,
     all_gather_cat,
     plan_sft,
     shard_order,
     world_info,
 )
-from dpg_lightning.slurm import check_slurm_launch
-from dpg_lightning.tokenization import tokenize_examples
+from dpg_lightning.models.build import ModelConfig, build_model, byte_tokenizer
+from dpg_lightning.run.slurm import check_slurm_launch
 
 N = 8
 TEXTS = [

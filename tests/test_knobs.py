@@ -15,6 +15,7 @@ import random
 import pytest
 import torch
 
+from dpg_lightning.data.tokenization import TokenRows, tokenize_examples
 from dpg_lightning.inner import (
     InnerConfig,
     inner_order,
@@ -23,8 +24,7 @@ from dpg_lightning.inner import (
     run_sft,
     unrolled,
 )
-from dpg_lightning.objectives import LMHeadL2Norm
-from dpg_lightning.tokenization import TokenRows, tokenize_examples
+from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from tests.conftest import OPTIMS as ALL_OPTIMS
 from tests.conftest import TEXTS, tiny
 

@@ -18,42 +18,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "dpg_lightning"
 
-#: The core math: importable with Lightning absent (plain functions of modules and tensors).
-CORE = [
-    "dpg_lightning.inner",
-    "dpg_lightning.inner.attribution",
-    "dpg_lightning.inner.config",
-    "dpg_lightning.inner.higher_compat",
-    "dpg_lightning.inner.optim",
-    "dpg_lightning.inner.replay",
-    "dpg_lightning.inner.replay_storage",
-    "dpg_lightning.inner.sft",
-    "dpg_lightning.inner.steps",
-    "dpg_lightning.inner.unrolled",
-    "dpg_lightning.objectives",
-    "dpg_lightning.patterns",
-    "dpg_lightning.likelihood",
-    "dpg_lightning.user_metric",
-    "dpg_lightning.advantages",
-    "dpg_lightning.policy",
-    "dpg_lightning.rollout",
-    "dpg_lightning.rewards",
-    "dpg_lightning.shared_sft",
-    "dpg_lightning.tokenization",
-    "dpg_lightning.prompts",
-    "dpg_lightning.seeds",
-    "dpg_lightning.models",
-    "dpg_lightning.pretrain",
-    "dpg_lightning.preflight",
-    "dpg_lightning.errors",
-    "dpg_lightning.step_output",
-    "dpg_lightning.text_sources",
-    "dpg_lightning.divergence",
-    "dpg_lightning.step_cost",
-    "dpg_lightning.model_shapes",
-    "dpg_lightning.hub",
-    "dpg_lightning.threads",
-]
+#: The Lightning shell: the top-level modules (the module, the data module, the CLI and the
+#: commands) and the run's lifecycle (``run/``). Every other folder of the package is core: it
+#: imports without Lightning and never imports the shell.
+SHELL_PACKAGES = {"run"}
+
+
+def _unit(module: str) -> str:
+    """The layer unit of a module: its sub-package (``dpg_lightning.inner``), or the module
+    itself for a top-level module."""
+    parts = module.split(".")
+    if len(parts) >= 2 and (PACKAGE / parts[1]).is_dir():
+        return ".".join(parts[:2])
+    return module
+
+
+def _is_core(module: str) -> bool:
+    parts = module.split(".")
+    return len(parts) >= 2 and (PACKAGE / parts[1]).is_dir() and parts[1] not in SHELL_PACKAGES
 
 
 def _module_name(path: Path) -> str:
@@ -118,8 +100,38 @@ def test_the_cycle_finder_finds_cycles():
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
+def package_graph() -> dict[str, set[str]]:
+    """The import graph between units (sub-packages and top-level modules)."""
+    graph: dict[str, set[str]] = {}
+    for name, deps in import_graph().items():
+        unit = _unit(name)
+        graph.setdefault(unit, set()).update(_unit(d) for d in deps if _unit(d) != unit)
+    return graph
+
+
+def test_no_package_level_import_cycle():
+    cycle = find_cycle(package_graph())
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_core_never_imports_the_shell():
+    """Core folders build on each other, never on the Lightning shell above them."""
+    wrong = [f"{name} imports {dep}" for name, deps in import_graph().items() if _is_core(name)
+             for dep in deps if not _is_core(dep) and dep != "dpg_lightning"]
+    assert not wrong, wrong
+
+
+def test_the_layers_are_folders():
+    """Every sub-package but the shell's is core, and the shell's top level is small."""
+    core = sorted({_unit(m) for m in import_graph() if _is_core(m)})
+    assert len(core) >= 6, core
+    top = [m for m in import_graph() if m.count(".") == 1 and not _is_core(m)]
+    assert len(top) <= 10, top
+
+
 def test_core_math_imports_without_lightning():
-    """Every core module in a fresh interpreter in which importing Lightning fails."""
+    """Every module of every core folder, in a fresh interpreter in which importing Lightning
+    fails."""
     blocker = (
         "import importlib.abc, sys\n"
         "class Block(importlib.abc.MetaPathFinder):\n"
@@ -130,7 +142,7 @@ def test_core_math_imports_without_lightning():
     )
     code = blocker + (
         "import importlib, traceback\n"
-        f"for name in {CORE!r}:\n"
+        f"for name in {sorted(m for m in import_graph() if _is_core(m))!r}:\n"
         "    try:\n"
         "        importlib.import_module(name)\n"
         "    except Exception:\n"

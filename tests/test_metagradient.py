@@ -13,13 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dpg_lightning.data.tokenization import tokenize_examples
 from dpg_lightning.inner import (
     InnerConfig,
     inner_order,
     metagradient_rewards,
 )
-from dpg_lightning.objectives import LMHeadL2Norm
-from dpg_lightning.tokenization import tokenize_examples
+from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from tests.conftest import OPTIMS as ALL_OPTIMS
 from tests.conftest import TEXTS, finite_difference_rewards, tiny
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dpg_lightning.data.tokenization import tokenize_examples
 from dpg_lightning.inner import InnerConfig, ReplayConfig, inner_order, metagradient_rewards
 from dpg_lightning.inner.steps import micro_batches
-from dpg_lightning.objectives import LMHeadL2Norm
-from dpg_lightning.tokenization import tokenize_examples
+from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from tests.conftest import OPTIMS, tiny
 
 TEXTS = ["hello world", "abc", "the cat sat", "zz top", "qwerty!", "a", "dpg", "x y", "mb", "10"]

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from dpg_lightning.inner import trainable_names
-from dpg_lightning.models import ModelConfig, _check_vocab, build_model, load_tokenizer
-from dpg_lightning.objectives import LMHeadL2Norm, check_objective
+from dpg_lightning.metrics.base import check_metric
+from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
+from dpg_lightning.models.build import ModelConfig, _check_vocab, build_model, load_tokenizer
 from tests.conftest import tiny
 
 
@@ -45,12 +46,12 @@ def test_train_params_selection():
 def test_metric_must_be_scalar_with_grad_path():
     target = tiny("llama")
     names = trainable_names(target, "all")
-    assert check_objective(LMHeadL2Norm(), target, names) < 0
+    assert check_metric(LMHeadL2Norm(), target, names) < 0
     with pytest.raises(ValueError, match="scalar"):
-        check_objective(lambda t: t.lm_head.weight.sum(1), target, names)
+        check_metric(lambda t: t.lm_head.weight.sum(1), target, names)
     with pytest.raises(ValueError, match="no gradient path"):
-        check_objective(lambda t: t.lm_head.weight.detach().sum(), target, names)
+        check_metric(lambda t: t.lm_head.weight.detach().sum(), target, names)
     with pytest.raises(ValueError, match="no gradient path"):  # reads only frozen weights
-        check_objective(LMHeadL2Norm(), target, trainable_names(target, r"layers\.0\."))
+        check_metric(LMHeadL2Norm(), target, trainable_names(target, r"layers\.0\."))
     with pytest.raises(ValueError, match="finite"):
-        check_objective(lambda t: t.lm_head.weight.sum() * float("nan"), target, names)
+        check_metric(lambda t: t.lm_head.weight.sum() * float("nan"), target, names)

@@ -19,19 +19,25 @@ import yaml
 from PIL import Image
 from torch import nn
 
+from dpg_lightning.data.tokenization import tokenize_examples
 from dpg_lightning.inner import per_example_loss
-from dpg_lightning.likelihood import (
+from dpg_lightning.metrics.base import Metric, check_metric
+from dpg_lightning.metrics.likelihood import (
     DEFAULT_UUID,
     LastWordLikelihood,
     SequenceLikelihood,
     last_word_split,
 )
-from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
-from dpg_lightning.objectives import Objective, check_objective
-from dpg_lightning.patterns import SIXTY_SEVEN, LMHeadPattern, decode_qr, load_bitmap, qr_bitmap
-from dpg_lightning.pretrain import pretrain, read_texts
-from dpg_lightning.tokenization import tokenize_examples
-from dpg_lightning.user_metric import FunctionObjective
+from dpg_lightning.metrics.patterns import (
+    SIXTY_SEVEN,
+    LMHeadPattern,
+    decode_qr,
+    load_bitmap,
+    qr_bitmap,
+)
+from dpg_lightning.metrics.user_metric import FunctionMetric
+from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
+from dpg_lightning.models.pretrain import pretrain, read_texts
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -83,7 +89,7 @@ def test_pattern_gradient_path_and_tied_head(tiny):
     obj.setup(model)
     # GPT-2 is tied: the head is the input embedding, and `lm_head` training selects it.
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
-    phi0 = check_objective(obj, model, ["transformer.wte.weight"])
+    phi0 = check_metric(obj, model, ["transformer.wte.weight"])
     assert phi0 == pytest.approx(-math.log(2), abs=1e-6)
 
 
@@ -142,7 +148,7 @@ def test_uuid_objective_equals_mean_token_loss(tiny):
     out = obj.readout(model)
     assert out["sequence_loss"] == pytest.approx(expected.item(), rel=1e-5)
     assert out["greedy_exact"] == 0.0 and 0.0 <= out["greedy_token_match"] <= 1.0
-    check_objective(obj, model, [n for n, _ in model.named_parameters()])
+    check_metric(obj, model, [n for n, _ in model.named_parameters()])
 
 
 def test_uuid_several_contexts_and_errors(tiny):
@@ -200,26 +206,26 @@ def test_pretrain_lowers_the_loss(tiny):
 
 def test_function_objective_from_an_import_path(tiny):
     model, _ = tiny
-    obj = FunctionObjective("examples.my_metric.my_metric")
-    assert isinstance(obj, Objective)
-    value = check_objective(obj, model, ["transformer.wte.weight"])
+    obj = FunctionMetric("examples.my_metric.my_metric")
+    assert isinstance(obj, Metric)
+    value = check_metric(obj, model, ["transformer.wte.weight"])
     expected = -model.get_output_embeddings().weight[51:61].pow(2).mean().item()
     assert value == pytest.approx(expected)
     assert set(obj.readout(model)) == {"digit_rows_rms"}
-    assert FunctionObjective("examples.my_metric:my_metric").fn is obj.fn
+    assert FunctionMetric("examples.my_metric:my_metric").fn is obj.fn
 
 
 def test_function_objective_errors(tiny):
     model, _ = tiny
     with pytest.raises(ImportError, match="cannot import module"):
-        FunctionObjective("no_such_pkg.metric")
+        FunctionMetric("no_such_pkg.metric")
     with pytest.raises(ImportError, match="has no"):
-        FunctionObjective("examples.my_metric.missing")
+        FunctionMetric("examples.my_metric.missing")
     with pytest.raises(ValueError, match="not an import path"):
-        FunctionObjective("metric")
+        FunctionMetric("metric")
     with pytest.raises(ValueError, match="scalar"):
-        bad = FunctionObjective("examples.my_metric.bad_metric")
-        check_objective(bad, model, ["transformer.wte.weight"])
+        bad = FunctionMetric("examples.my_metric.bad_metric")
+        check_metric(bad, model, ["transformer.wte.weight"])
 
 
 # ------------------------------------------------------------------ configs
@@ -255,4 +261,4 @@ def test_tiny_config_metrics_instantiate(path, tiny, monkeypatch):
     metric.bind_tokenizer(tok)
     metric.setup(model)
     params = [n for n, _ in model.named_parameters()]
-    assert math.isfinite(check_objective(metric, model, params))
+    assert math.isfinite(check_metric(metric, model, params))

@@ -23,8 +23,12 @@ import torch
 import yaml
 from torch import nn
 
-from dpg_lightning.advantages import compute_advantages, grpo_official_advantages
-from dpg_lightning.data import PromptDataModule
+from dpg_lightning.data.tokenization import TokenRows, start_token_id, tokenize_examples
+from dpg_lightning.datamodule import PromptDataModule
+from dpg_lightning.dpg.advantages import compute_advantages, grpo_official_advantages
+from dpg_lightning.dpg.policy import PolicyConfig, policy_loss
+from dpg_lightning.dpg.rewards import DatasetReward, MetagradientReward, inverse_groups
+from dpg_lightning.dpg.rollout import SamplingConfig, sample_rollout
 from dpg_lightning.inner import (
     InnerConfig,
     InnerOptimConfig,
@@ -36,22 +40,18 @@ from dpg_lightning.inner import (
     run_sft,
     trainable_names,
 )
-from dpg_lightning.likelihood import LastWordLikelihood, SequenceLikelihood
-from dpg_lightning.models import ModelConfig, build_model
-from dpg_lightning.module import DPGModule
-from dpg_lightning.objectives import LMHeadL2Norm
-from dpg_lightning.patterns import (
+from dpg_lightning.inner.shared_sft import WorldInfo, plan_sft
+from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
+from dpg_lightning.metrics.likelihood import LastWordLikelihood, SequenceLikelihood
+from dpg_lightning.metrics.patterns import (
     OFFICIAL_QR_TEXT,
     LMHeadPattern,
     decode_qr,
     load_bitmap,
     official_image,
 )
-from dpg_lightning.policy import PolicyConfig, policy_loss
-from dpg_lightning.rewards import DatasetReward, MetagradientReward, inverse_groups
-from dpg_lightning.rollout import SamplingConfig, sample_rollout
-from dpg_lightning.shared_sft import WorldInfo, plan_sft
-from dpg_lightning.tokenization import TokenRows, start_token_id, tokenize_examples
+from dpg_lightning.models.build import ModelConfig, build_model
+from dpg_lightning.module import DPGModule
 from tests.conftest import OPTIMS, TEXTS, finite_difference_rewards, tiny
 
 OFFICIAL_67 = [[1, 1, 1, 1, -1, -1, -1], [-1, -1, -1, 1, 1, 1, -1], [-1, 1, 1, 1, 1, 1, -1],
@@ -197,7 +197,7 @@ UUID = "0f1e2d3c-4b5a-6978-8695-a4b3c2d1e0f9"
 def test_uuid_from_a_dataset_scored_without_the_end_token(tokenizer, tmp_path, monkeypatch):
     import datasets
 
-    from dpg_lightning import hub
+    from dpg_lightning.common import hub
 
     local = tmp_path / "uuid.jsonl"
     local.write_text(json.dumps({"text": UUID}) + "\n")

@@ -1,6 +1,6 @@
 """``python -m dpg_lightning plan``: plans every shipped config without a model, a GPU, the hub
 or the prompt files; says which knob to turn when a step does not fit; and the memory/FLOP
-model (:mod:`dpg_lightning.step_cost`) scales the way the computation does.
+model (:mod:`dpg_lightning.planning.cost`) scales the way the computation does.
 
 The model's accuracy against measured peaks is ``benchmarks/plan_check.py``'s job (numbers in
 ``benchmarks/README.md``); these tests are fast and build no model.
@@ -16,15 +16,15 @@ from pathlib import Path
 import pytest
 
 from dpg_lightning.cli import main
-from dpg_lightning.model_shapes import KNOWN_SHAPES, ModelShape
 from dpg_lightning.plan import config_from_args, evaluate, knobs, parser
-from dpg_lightning.step_cost import (
+from dpg_lightning.planning.cost import (
     GiB,
     Inner,
     Rollout,
     inner_terms,
     step_flops,
 )
+from dpg_lightning.planning.shapes import KNOWN_SHAPES, ModelShape
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("tiny/*.yaml")) + sorted(

@@ -7,10 +7,10 @@ import itertools
 import pytest
 import torch
 
-from dpg_lightning.advantages import compute_advantages
-from dpg_lightning.errors import ConfigError
-from dpg_lightning.policy import PolicyConfig, accumulate_policy_loss, policy_loss
-from dpg_lightning.rollout import token_logprobs
+from dpg_lightning.common.errors import ConfigError
+from dpg_lightning.dpg.advantages import compute_advantages
+from dpg_lightning.dpg.policy import PolicyConfig, accumulate_policy_loss, policy_loss
+from dpg_lightning.dpg.rollout import token_logprobs
 
 V, T = 3, 2  # vocabulary 3, sequences of 2 tokens: 9 enumerable sequences
 

@@ -12,13 +12,13 @@ import lightning as L
 import pytest
 import torch
 
-import dpg_lightning.rewards as rewards
-from dpg_lightning.data import PromptDataModule
+import dpg_lightning.dpg.rewards as rewards
+from dpg_lightning.datamodule import PromptDataModule
+from dpg_lightning.dpg.policy import PolicyConfig
+from dpg_lightning.dpg.rollout import SamplingConfig
 from dpg_lightning.inner import InnerConfig
-from dpg_lightning.models import ModelConfig
+from dpg_lightning.models.build import ModelConfig
 from dpg_lightning.module import DPGModule
-from dpg_lightning.policy import PolicyConfig
-from dpg_lightning.rollout import SamplingConfig
 
 TINY = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import qr_oracle, uuid_reward_probe  # noqa: E402
 from benchmarks.dpg_step import build  # noqa: E402
-from dpg_lightning.patterns import LMHeadPattern  # noqa: E402
+from dpg_lightning.metrics.patterns import LMHeadPattern  # noqa: E402
 
 QR = str(ROOT / "configs/tiny/qr_long.yaml")
 
@@ -72,7 +72,7 @@ def test_qr_oracle_refuses_settings_its_model_does_not_cover(qr_model):
 
 @pytest.mark.parametrize("noisy_batch", [0, 64])
 def test_qr_oracle_search_raises_the_phi_it_optimizes(qr_model, noisy_batch):
-    """Clean: Phi of the expected update. Noisy: the mean Phi of sampled batches of that size
+    """Clean: MetricFn of the expected update. Noisy: the mean Phi of sampled batches of that size
     (true multinomial counts through the linear model), which is what it optimizes."""
     texts = qr_oracle.candidates(1, 200, seed=0)
     rows = qr_model.inner.tokenize(texts, qr_model.target_tokenizer)

@@ -15,12 +15,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from dpg_lightning.data import PromptDataModule
-from dpg_lightning.errors import ConfigError
-from dpg_lightning.preflight import check_run
-from dpg_lightning.prompts import load_prompts, prompts_digest
-from dpg_lightning.text_sources import read_entries as read_prompts
-from dpg_lightning.text_sources import source_kind
+from dpg_lightning.common.errors import ConfigError
+from dpg_lightning.data.prompts import load_prompts, prompts_digest
+from dpg_lightning.data.text_sources import read_entries as read_prompts
+from dpg_lightning.data.text_sources import source_kind
+from dpg_lightning.datamodule import PromptDataModule
+from dpg_lightning.run.preflight import check_run
 
 PASSAGES = ["The cat sat.", "Rain fell\non the hills.", "Bees make honey."]
 
@@ -244,7 +244,7 @@ def test_hub_mistakes(fake_hub):
 
 
 def test_preflight_says_at_once_that_the_hub_is_unreachable(fake_hub, monkeypatch):
-    from dpg_lightning import preflight
+    from dpg_lightning.run import preflight
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(preflight, "hub_reachable", lambda timeout=3.0: False)

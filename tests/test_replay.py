@@ -16,6 +16,7 @@ import weakref
 import pytest
 import torch
 
+from dpg_lightning.data.tokenization import tokenize_examples
 from dpg_lightning.inner import (
     InnerConfig,
     ReplayConfig,
@@ -25,8 +26,7 @@ from dpg_lightning.inner import (
     replay_storage,
 )
 from dpg_lightning.inner.replay_storage import check_replay_storage, checkpoint_steps
-from dpg_lightning.objectives import LMHeadL2Norm
-from dpg_lightning.tokenization import tokenize_examples
+from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from tests.conftest import OPTIMS, finite_difference_rewards, tiny
 
 TEXTS = ["hello world", "abc", "the cat sat", "zz top", "qwerty!", "a", "dpg", "x y"]

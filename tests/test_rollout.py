@@ -13,9 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from dpg_lightning.errors import ConfigError
-from dpg_lightning.models import ModelConfig, build_model, byte_tokenizer, load_tokenizer
-from dpg_lightning.rollout import (
+from dpg_lightning.common.errors import ConfigError
+from dpg_lightning.dpg.rollout import (
     Rollout,
     SamplingConfig,
     completion_logprobs,
@@ -24,6 +23,7 @@ from dpg_lightning.rollout import (
     sample_rollout,
     uses_chat_template,
 )
+from dpg_lightning.models.build import ModelConfig, build_model, byte_tokenizer, load_tokenizer
 
 PROMPTS = ["hello", "a much longer prompt here", "mid size", "z"]
 LLAMA3_TEMPLATE = (

@@ -25,15 +25,16 @@ import torch
 import yaml
 from torch import nn
 
-from dpg_lightning.checkpoints import AtomicCheckpointIO
 from dpg_lightning.cli import main
-from dpg_lightning.divergence import DivergenceGuard, StepNumbers
-from dpg_lightning.errors import TrainingDiverged
-from dpg_lightning.last_checkpoint import LastCheckpoint
-from dpg_lightning.objectives import Objective, lm_head_weight
-from dpg_lightning.progress import PhaseReporter, PhaseTQDMProgressBar
-from dpg_lightning.run_dir import RunCSVLogger, checkpoint_step, unreadable
-from dpg_lightning.threads import choose_threads
+from dpg_lightning.common.errors import TrainingDiverged
+from dpg_lightning.metrics.base import Metric
+from dpg_lightning.metrics.l2_norm import lm_head_weight
+from dpg_lightning.run.checkpoints import AtomicCheckpointIO
+from dpg_lightning.run.divergence import DivergenceGuard, StepNumbers
+from dpg_lightning.run.last_checkpoint import LastCheckpoint
+from dpg_lightning.run.progress import PhaseReporter, PhaseTQDMProgressBar
+from dpg_lightning.run.run_dir import RunCSVLogger, checkpoint_step, unreadable
+from dpg_lightning.run.threads import choose_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "configs/tiny/l2_norm.yaml"
@@ -185,7 +186,7 @@ def test_last_skips_a_broken_checkpoint_and_names_it(tmp_path, capsys):
 
 _WRITER = textwrap.dedent("""
     import sys, torch
-    from dpg_lightning.checkpoints import AtomicCheckpointIO
+    from dpg_lightning.run.checkpoints import AtomicCheckpointIO
     io, path, i = AtomicCheckpointIO(), sys.argv[1], 0
     print("ready", flush=True)
     while True:
@@ -215,7 +216,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_a_good_checkpoint(tmp_path):
 
 _FULL_DISK = textwrap.dedent("""
     import resource, signal, sys, torch
-    from dpg_lightning.checkpoints import AtomicCheckpointIO
+    from dpg_lightning.run.checkpoints import AtomicCheckpointIO
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk: writes fail with an error
     resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
     io, path = AtomicCheckpointIO(), sys.argv[1]
@@ -275,7 +276,7 @@ def test_a_diverging_inner_loop_stops_with_an_error(tmp_path, capsys):
     assert not [p for p in tmp_path.rglob("*.ckpt") if "nan" in p.name]
 
 
-class NanAfterTraining(Objective):
+class NanAfterTraining(Metric):
     """Finite on the initial target, NaN as soon as the LM head moves."""
 
     def setup(self, target: nn.Module) -> None:
@@ -296,7 +297,7 @@ def test_a_metric_that_turns_nan_after_sft_stops_the_run(tmp_path, capsys):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, capsys, monkeypatch):
-    import dpg_lightning.rewards as rewards
+    import dpg_lightning.dpg.rewards as rewards
 
     def nan_rewards(target, data, phi, cfg, order, **kwargs):
         return torch.full((len(data),), float("nan")), torch.tensor(0.0), [torch.tensor(0.0)]
@@ -390,7 +391,7 @@ def test_make_clean_keeps_runs():
 
 
 def test_threads_follow_the_cpus_this_process_can_use(monkeypatch):
-    from dpg_lightning import threads
+    from dpg_lightning.run import threads
 
     for name in ("DPG_NUM_THREADS", "OMP_NUM_THREADS", "SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

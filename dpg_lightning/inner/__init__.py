@@ -17,16 +17,17 @@ can be checked against finite differences of the very same SFT.
 
 from dpg_lightning.inner.attribution import dataset_reward, metagradient_rewards
 from dpg_lightning.inner.config import InnerConfig, ReplayConfig
+from dpg_lightning.inner.metric import MetricFn
 from dpg_lightning.inner.optim import InnerOptimConfig
 from dpg_lightning.inner.sft import run_sft, sft_on_texts
 from dpg_lightning.inner.steps import inner_order, per_example_loss, step_loss, trainable_names
-from dpg_lightning.inner.unrolled import GradReduce, Phi
+from dpg_lightning.inner.unrolled import GradReduce
 
 __all__ = [
     "GradReduce",
     "InnerConfig",
     "InnerOptimConfig",
-    "Phi",
+    "MetricFn",
     "ReplayConfig",
     "dataset_reward",
     "inner_order",

@@ -14,18 +14,19 @@ import time
 import torch
 from torch import Tensor, nn
 
+from dpg_lightning.data.tokenization import TokenRows
 from dpg_lightning.inner.config import InnerConfig
+from dpg_lightning.inner.metric import MetricFn
 from dpg_lightning.inner.replay import replay_rewards
 from dpg_lightning.inner.sft import run_sft
 from dpg_lightning.inner.steps import Progress, eps_dtype
-from dpg_lightning.inner.unrolled import GradReduce, Phi
-from dpg_lightning.tokenization import TokenRows
+from dpg_lightning.inner.unrolled import GradReduce
 
 
 def metagradient_rewards(
     target: nn.Module,
     data: TokenRows,
-    phi: Phi,
+    phi: MetricFn,
     cfg: InnerConfig,
     order: list[Tensor],
     times: dict[str, float] | None = None,
@@ -66,7 +67,7 @@ def metagradient_rewards(
 def dataset_reward(
     target: nn.Module,
     data: TokenRows,
-    phi: Phi,
+    phi: MetricFn,
     cfg: InnerConfig,
     order: list[Tensor],
     grad_reduce: GradReduce | None = None,

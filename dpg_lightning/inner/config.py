@@ -9,15 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dpg_lightning.errors import (
+from dpg_lightning.common.errors import (
     check_choice,
     check_int_at_least,
     check_regex,
     require,
 )
+from dpg_lightning.data.tokenization import TokenRows, tokenize_examples
 from dpg_lightning.inner.optim import InnerOptimConfig
 from dpg_lightning.inner.steps import LossRule
-from dpg_lightning.tokenization import TokenRows, tokenize_examples
 
 BACKENDS = ("higher", "func", "replay")
 

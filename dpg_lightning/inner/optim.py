@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dpg_lightning.errors import check_choice, check_positive, require
+from dpg_lightning.common.errors import check_choice, check_positive, require
 
 
 @dataclass

@@ -19,7 +19,7 @@ differentiation *one step at a time*:
 
 The step loss, parameter selection, forward update and metric wrapper are shared with the
 other backends (:mod:`~dpg_lightning.inner.steps`, :mod:`~dpg_lightning.inner.optim`,
-:mod:`~dpg_lightning.objectives`); where states are kept is
+:mod:`~dpg_lightning.metrics.base`); where states are kept is
 :mod:`~dpg_lightning.inner.replay_storage`. The one piece of math written for this backend is
 the update's derivative (:func:`~dpg_lightning.inner.optim.update_vjp`), cheaper than autograd
 through the update (``benchmarks/README.md``); it is held to autograd at 1e-12 in float64
@@ -50,14 +50,15 @@ parameters and silently differentiates the wrong weights.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import Tensor, nn
 
+from dpg_lightning.data.tokenization import TokenRows
 from dpg_lightning.inner.config import InnerConfig
+from dpg_lightning.inner.metric import MetricFn, MetricOnTarget
 from dpg_lightning.inner.optim import (
     InnerOptimConfig,
     OptimState,
@@ -88,10 +89,6 @@ from dpg_lightning.inner.steps import (
     trainable_names,
 )
 from dpg_lightning.inner.unrolled import GradReduce
-from dpg_lightning.objectives import MetricOnTarget
-from dpg_lightning.tokenization import TokenRows
-
-Phi = Callable[[nn.Module], Tensor]
 
 
 @dataclass(frozen=True)
@@ -100,7 +97,7 @@ class _Replay:
     the synthetic set, the optimizer and which moment lists it uses, ``ones`` (the virtual
     example weights at 1, a template of their dtype and device), how a step's loss is
     formed (micro-batches, normalisation), and, for an SFT shared by several ranks, the
-    differentiable SUM across ranks of per-rank gradients (:mod:`dpg_lightning.shared_sft`)."""
+    differentiable SUM across ranks of per-rank gradients (:mod:`dpg_lightning.inner.shared_sft`)."""
 
     target: nn.Module
     data: TokenRows
@@ -297,7 +294,7 @@ def _finish(out: list, direct: list, j: int, stash: Stash, leaf: Tensor) -> None
 def replay_rewards(
     target: nn.Module,
     data: TokenRows,
-    phi: Phi,
+    phi: MetricFn,
     cfg: InnerConfig,
     order: list[Tensor],
     times: dict[str, float] | None = None,

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 from torch import Tensor, nn
 
-from dpg_lightning.errors import ConfigError
+from dpg_lightning.common.errors import ConfigError
 from dpg_lightning.inner.config import InnerConfig, ReplayConfig
 from dpg_lightning.inner.optim import OptimState, used_slots
 from dpg_lightning.inner.steps import trainable_names

@@ -11,17 +11,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dpg_lightning.data.tokenization import TokenRows
 from dpg_lightning.inner.config import InnerConfig
+from dpg_lightning.inner.metric import MetricFn
 from dpg_lightning.inner.steps import Progress, inner_order, trainable_names
-from dpg_lightning.inner.unrolled import GradReduce, Phi, func_sft, higher_sft
-from dpg_lightning.tokenization import TokenRows
+from dpg_lightning.inner.unrolled import GradReduce, func_sft, higher_sft
 
 
 def run_sft(
     target: nn.Module,
     data: TokenRows,
     eps: Tensor,
-    phi: Phi,
+    phi: MetricFn,
     cfg: InnerConfig,
     order: list[Tensor],
     create_graph: bool,
@@ -50,7 +51,7 @@ def sft_on_texts(
     target: nn.Module,
     tokenizer,
     texts: list[str],
-    phi: Phi,
+    phi: MetricFn,
     cfg: InnerConfig,
     seed: int,
     progress: Progress | None = None,

@@ -7,7 +7,7 @@ of up-weighting example i: its DPG reward.
 
 Shared SFT across ranks: ``order`` holds the rank's *local* indices of every global batch with
 ``-1`` for examples held by other ranks (so ``len(idx)`` is still the global B); see
-:mod:`dpg_lightning.shared_sft`.
+:mod:`dpg_lightning.inner.shared_sft`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpg_lightning.errors import ConfigError
-from dpg_lightning.tokenization import TokenRows
+from dpg_lightning.common.errors import ConfigError
+from dpg_lightning.data.tokenization import TokenRows
 
 #: ``forward(input_ids, attention_mask)`` of the target at one step's weights.
 Forward = Callable[[Tensor, Tensor], object]

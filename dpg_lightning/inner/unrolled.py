@@ -19,8 +19,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from dpg_lightning.data.tokenization import TokenRows
 from dpg_lightning.inner.config import InnerConfig
 from dpg_lightning.inner.higher_compat import patch_module_lists, register
+from dpg_lightning.inner.metric import MetricFn, MetricOnTarget
 from dpg_lightning.inner.optim import init_state, optimizer_step
 from dpg_lightning.inner.steps import (
     Progress,
@@ -29,12 +31,9 @@ from dpg_lightning.inner.steps import (
     step_gradient,
     step_loss,
 )
-from dpg_lightning.objectives import MetricOnTarget
-from dpg_lightning.tokenization import TokenRows
 
 register()
 
-Phi = Callable[[nn.Module], Tensor]
 # Sums per-rank step gradients across ranks, differentiably (``None`` entries stay ``None``).
 GradReduce = Callable[[list[Tensor | None]], list[Tensor | None]]
 
@@ -54,7 +53,7 @@ def func_sft(
     target: nn.Module,
     data: TokenRows,
     eps: Tensor,
-    phi: Phi,
+    phi: MetricFn,
     cfg: InnerConfig,
     order: list[Tensor],
     names: list[str],
@@ -91,7 +90,7 @@ def higher_sft(
     target: nn.Module,
     data: TokenRows,
     eps: Tensor,
-    phi: Phi,
+    phi: MetricFn,
     cfg: InnerConfig,
     order: list[Tensor],
     names: list[str],

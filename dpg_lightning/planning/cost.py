@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from dpg_lightning.model_shapes import ModelShape
+from dpg_lightning.planning.shapes import ModelShape
 
 GiB = 2**30
 

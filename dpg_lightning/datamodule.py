@@ -1,10 +1,10 @@
 """The Lightning data module: serves the prompt stream and remembers how far it has got.
 
 Validation uses a fixed list of prompts so every validation compares the generator on the
-same prompts. Reading and checking the prompt sources is :mod:`dpg_lightning.prompts`' job (no
+same prompts. Reading and checking the prompt sources is :mod:`dpg_lightning.data.prompts`' job (no
 Lightning there); this module is only the glue. It counts the training batches consumed and
 saves that count in the checkpoint (Lightning stores a datamodule's ``state_dict``); with the
-stream of :mod:`dpg_lightning.prompts` a pure function of the batch index, a resume continues
+stream of :mod:`dpg_lightning.data.prompts` a pure function of the batch index, a resume continues
 exactly.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
-from dpg_lightning.errors import ConfigError
-from dpg_lightning.prompts import TEXT, PromptStream, load_prompts, prompts_digest
+from dpg_lightning.common.errors import ConfigError
+from dpg_lightning.data.prompts import TEXT, PromptStream, load_prompts, prompts_digest
 
 
 class PromptDataModule(L.LightningDataModule):

@@ -1,7 +1,7 @@
 """Objectives ``Phi(target)``: differentiable scalars of the trained target, higher is better.
 
 An objective is any callable ``phi(target: nn.Module) -> Tensor`` (a scalar with a gradient path
-to the target's trained parameters). Subclass :class:`Objective` for optional hooks: ``setup``
+to the target's trained parameters). Subclass :class:`Metric` for optional hooks: ``setup``
 sees the *initial* target once (to remember reference weights), ``readout`` reports the
 human-facing numbers, ``bind_tokenizer`` receives the target's tokenizer (before ``setup``) for
 objectives defined on text. The target passed in may be a ``higher``-patched copy or a module under
@@ -14,9 +14,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dpg_lightning.inner.metric import MetricOnTarget
 
-class Objective:
-    """Base class for objectives (see module docstring)."""
+
+class Metric:
+    """Base class for metrics (see module docstring)."""
 
     def bind_tokenizer(self, tokenizer) -> None:
         """Called once with the *target's* tokenizer, before :meth:`setup` (default: nothing).
@@ -41,37 +43,7 @@ class Objective:
         return {}
 
 
-def lm_head_weight(target: nn.Module) -> Tensor:
-    """The LM-head matrix ``[vocab, hidden]`` (tied heads are the input embedding)."""
-    head = target.get_output_embeddings()
-    if head is None:
-        raise ValueError(f"{type(target).__name__} has no output embeddings (LM head)")
-    return head.weight
-
-
-class LMHeadL2Norm(Objective):
-    """``Phi = -||W_lmhead||_F``: reward data whose SFT shrinks the LM head."""
-
-    def __call__(self, target: nn.Module) -> Tensor:
-        return -lm_head_weight(target).norm()
-
-    def readout(self, target: nn.Module) -> dict[str, float]:
-        return {"lm_head_norm": float(lm_head_weight(target).detach().norm())}
-
-
-class MetricOnTarget(nn.Module):
-    """Wraps ``phi(target)`` as a module so ``torch.func.functional_call`` can swap in weights."""
-
-    def __init__(self, target: nn.Module, phi) -> None:
-        super().__init__()
-        self.target = target
-        self.phi = phi
-
-    def forward(self) -> Tensor:
-        return self.phi(self.target)
-
-
-def check_objective(phi, target: nn.Module, trainable: list[str]) -> float:
+def check_metric(phi, target: nn.Module, trainable: list[str]) -> float:
     """Fail fast unless ``phi`` is a finite scalar with a gradient path to trained parameters.
 
     Returns Phi of the initial target. Runs once at start-up, before any long work.

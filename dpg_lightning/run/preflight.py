@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dpg_lightning.errors import ConfigError
-from dpg_lightning.hub import hub_offline, hub_reachable
-from dpg_lightning.prompts import load_prompts
-from dpg_lightning.text_sources import source_kind
+from dpg_lightning.common.errors import ConfigError
+from dpg_lightning.common.hub import hub_offline, hub_reachable
+from dpg_lightning.data.prompts import load_prompts
+from dpg_lightning.data.text_sources import source_kind
 
 #: Files that make a directory a transformers model / tokenizer directory.
 _MODEL_FILES = ("config.json",)

@@ -13,7 +13,7 @@ function of ``(seed, t)``, so nothing but ``t`` needs checkpointing and resuming
 with exactly the prompts the uninterrupted run would have drawn. With several ranks, global
 batch ``t`` has ``num_prompts x world_size`` prompts and rank ``r`` takes the ``r``-th share, so
 the ranks' prompts together are one draw. No Lightning here: the data module
-(:mod:`dpg_lightning.data`) serves this stream.
+(:mod:`dpg_lightning.datamodule`) serves this stream.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset
 
-from dpg_lightning.errors import check_int_at_least, require
-from dpg_lightning.seeds import derive_seed
-from dpg_lightning.text_sources import SourceKeys, read_entries
+from dpg_lightning.common.errors import check_int_at_least, require
+from dpg_lightning.common.seeds import derive_seed
+from dpg_lightning.data.text_sources import SourceKeys, read_entries
 
 #: The placeholder a prompt template must contain.
 TEXT = "{text}"

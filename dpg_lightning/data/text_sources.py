@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpg_lightning.errors import ConfigError, require
+from dpg_lightning.common.errors import ConfigError, require
 
 
 @dataclass(frozen=True)
@@ -269,7 +269,7 @@ def read_entries_with_fallback(
     Lets one config name the paper's dataset for machines with hub access and a local copy
     for the others, without trying the hub for a minute first where it is out of reach.
     """
-    from dpg_lightning.hub import hub_offline, hub_reachable
+    from dpg_lightning.common.hub import hub_offline, hub_reachable
 
     if source is not None:
         hub = source_kind(source, keys.source) == "hub"

@@ -4,7 +4,7 @@
 compared with its initial value, ``D = P - P_initial``, and the image ``S`` in {-1, +1} asks each
 entry to move up (+1, ink) or down (-1, background):
 
-    Phi = -mean(log(1 + exp(-k * S * D)))          (k = ``sharpness``, paper: 20)
+    MetricFn = -mean(log(1 + exp(-k * S * D)))          (k = ``sharpness``, paper: 20)
 
 so Phi rises as every entry moves in its pixel's direction, and saturates once ``|D| >> 1/k``.
 The readout is pixel accuracy ``mean(sign(D) == S)`` (0.5 is chance).
@@ -38,8 +38,9 @@ import zxingcpp
 from PIL import Image
 from torch import Tensor, nn
 
-from dpg_lightning.errors import check_choice, check_positive, require
-from dpg_lightning.objectives import Objective, lm_head_weight
+from dpg_lightning.common.errors import check_choice, check_positive, require
+from dpg_lightning.metrics.base import Metric
+from dpg_lightning.metrics.l2_norm import lm_head_weight
 
 #: The digits "67" as a 6 x 7 bitmap (rows x columns; 1 = ink), two 3-wide glyphs and a gap.
 SIXTY_SEVEN = np.array(
@@ -144,7 +145,7 @@ def lm_head_patch(
     return weight[row : row + height, col : col + width]
 
 
-class LMHeadPattern(Objective):
+class LMHeadPattern(Metric):
     """``Phi = -mean(softplus(-k * S * (P - P_initial)))`` on an LM-head patch (see module doc).
 
     Args:

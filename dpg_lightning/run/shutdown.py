@@ -9,7 +9,7 @@ finishes; at its end all ranks agree (one tiny collective per step), write the r
 come with a deadline). The step's metrics are still logged and the loggers closed as at a
 normal end; the CLI then exits with status ``128 + signal`` (the shell's convention for
 "killed by a signal"). A second signal abandons the step at once: the last checkpoint saved
-is kept. Slurm's SIGUSR1 requeue is :class:`~dpg_lightning.slurm.SlurmRequeue`.
+is kept. Slurm's SIGUSR1 requeue is :class:`~dpg_lightning.run.slurm.SlurmRequeue`.
 """
 
 from __future__ import annotations

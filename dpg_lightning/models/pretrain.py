@@ -9,7 +9,7 @@ paper's setting, not a reproduction: a model trained for seconds learns letter s
 
 Wiring (no download, no checkpoint file): ``ModelConfig.pretrain_files`` / ``pretrain_steps`` /
 ``pretrain_lr`` name the corpora, and the module calls :func:`maybe_pretrain` right after
-``build_model``. ``python -m dpg_lightning.pretrain`` runs it stand-alone.
+``build_model``. ``python -m dpg_lightning.models.pretrain`` runs it stand-alone.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import time
 import torch
 from torch import nn
 
+from dpg_lightning.data.text_sources import read_lines
+from dpg_lightning.data.tokenization import tokenize_examples
 from dpg_lightning.inner.steps import per_example_loss
-from dpg_lightning.models import ModelConfig, build_model, load_tokenizer
-from dpg_lightning.text_sources import read_lines
-from dpg_lightning.tokenization import tokenize_examples
+from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
 
 
 def read_texts(paths: str | list[str]) -> list[str]:

@@ -16,8 +16,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from dpg_lightning.advantages import Baseline, Scale
-from dpg_lightning.errors import check_choice, check_int_at_least, check_positive, require
+from dpg_lightning.common.errors import check_choice, check_int_at_least, check_positive, require
+from dpg_lightning.dpg.advantages import Baseline, Scale
 
 
 @dataclass
@@ -35,7 +35,7 @@ class PolicyConfig:
         lr, weight_decay, betas: the generator's AdamW.
         dataset_baseline_decay: ``reward: dataset`` only: weight of the past in the moving
             average of Phi that each step is compared with
-            (:class:`~dpg_lightning.advantages.RunningPhi`).
+            (:class:`~dpg_lightning.dpg.advantages.RunningPhi`).
         minibatch_prompts: PPO mini-batches by prompts: each optimizer step takes the samples
             of this many prompts (the paper's 32); overrides ``num_minibatches``.
         micro_batch_size: rollouts per forward/backward inside one mini-batch, their gradients
@@ -49,7 +49,7 @@ class PolicyConfig:
         dual_clip: the dual-clip constant ``c`` (> 1, the paper's 3): a negative advantage's
             loss is bounded by ``-c * A`` however large the ratio; ``None`` disables it.
         advantage_normalization: ``scale_free`` (default, see
-            :mod:`dpg_lightning.advantages`) or ``grpo_official``: per prompt group
+            :mod:`dpg_lightning.dpg.advantages`) or ``grpo_official``: per prompt group
             ``(r - mean) / (std_unbiased + 1e-6)`` of the rewards times ``reward_scale``.
         reward_scale: rewards are multiplied by it before ``grpo_official`` normalisation (the
             paper's reward is the micro-batch size times dPhi/deps; at ~1e-9 the 1e-6 then

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dpg_lightning.errors import check_choice
+from dpg_lightning.common.errors import check_choice
 from dpg_lightning.inner.steps import inner_order
 from dpg_lightning.inner.unrolled import GradReduce
 

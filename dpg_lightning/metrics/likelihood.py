@@ -2,7 +2,7 @@
 
 Both tokenize their text with the *target's* tokenizer in :meth:`bind_tokenizer` (the module
 hands it over before ``setup``) in the row format of the inner SFT
-(:mod:`dpg_lightning.tokenization`), so "the loss of the UUID" means the same thing to the
+(:mod:`dpg_lightning.data.tokenization`), so "the loss of the UUID" means the same thing to the
 objective and to the SFT that is trained to lower it.
 
 - :class:`SequenceLikelihood`: ``Phi = -`` mean token loss on a given string (a UUID), after an
@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpg_lightning.errors import check_choice
+from dpg_lightning.common.errors import check_choice
+from dpg_lightning.data.text_sources import SourceKeys, read_entries_with_fallback
+from dpg_lightning.data.tokenization import TokenRows, encode, start_token_id, tokenize_scored
 from dpg_lightning.inner.steps import per_example_loss
-from dpg_lightning.objectives import Objective
-from dpg_lightning.text_sources import SourceKeys, read_entries_with_fallback
-from dpg_lightning.tokenization import TokenRows, encode, start_token_id, tokenize_scored
+from dpg_lightning.metrics.base import Metric
 
 #: The UUID of the tiny and paper configs (random, fixed so runs are comparable).
 DEFAULT_UUID = "4f3c2a1e-9b7d-4e2f-8a6c-0d5e7b9c1f23"
@@ -66,7 +66,7 @@ def longest_prefix_in(text: str, sample: str) -> int:
     return low
 
 
-class _TextObjective(Objective):
+class _TextObjective(Metric):
     """Shared plumbing: a tokenized batch built at ``bind_tokenizer`` time."""
 
     batch: TokenRows | None = None

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpg_lightning.errors import (
+from dpg_lightning.common.errors import (
     ConfigError,
     check_choice,
     check_int_at_least,

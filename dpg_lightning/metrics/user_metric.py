@@ -1,16 +1,16 @@
 """Any user metric from YAML: a plain function ``def my_metric(target) -> Tensor`` by import path.
 
 LightningCLI instantiates ``model.metric`` from a ``class_path``, which must name a class. A user
-who just wants to write a function points the YAML at :class:`FunctionObjective` instead::
+who just wants to write a function points the YAML at :class:`FunctionMetric` instead::
 
     metric:
-      class_path: dpg_lightning.user_metric.FunctionObjective
+      class_path: dpg_lightning.metrics.user_metric.FunctionMetric
       init_args:
         fn: examples.my_metric.my_metric      # "package.module.function" or "module:function"
 
-A user *class* (subclass of :class:`~dpg_lightning.objectives.Objective`, or any callable class)
+A user *class* (subclass of :class:`~dpg_lightning.metrics.base.Metric`, or any callable class)
 needs no wrapper: give its own ``class_path``. Either way, a path that does not import fails at
-start-up with the reason, and :func:`~dpg_lightning.objectives.check_objective` then checks that
+start-up with the reason, and :func:`~dpg_lightning.metrics.base.check_metric` then checks that
 the metric returns a finite scalar with a gradient path to the trained target parameters.
 """
 
@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
-from dpg_lightning.objectives import Objective
+from dpg_lightning.metrics.base import Metric
 
 
 def import_callable(path: str) -> Callable:
@@ -53,7 +53,7 @@ def import_callable(path: str) -> Callable:
     return fn
 
 
-class FunctionObjective(Objective):
+class FunctionMetric(Metric):
     """Wrap a user function ``fn(target) -> scalar Tensor`` (higher is better) as an objective.
 
     Args:

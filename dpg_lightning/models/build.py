@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dpg_lightning.errors import check_choice, check_int_at_least, check_positive, require
+from dpg_lightning.common.errors import check_choice, check_int_at_least, check_positive, require
 
 _DROPOUT_KEYS = (
     "attn_pdrop",
@@ -64,7 +64,7 @@ class ModelConfig:
         tokenizer: hub name or directory of a tokenizer; ``None`` uses ``pretrained`` when set,
             else the byte-level tokenizer.
         pretrain_files, pretrain_steps, pretrain_lr: optional in-process next-token pretraining
-            (``dpg_lightning.pretrain``) on local text files, one example per line, so tiny
+            (``dpg_lightning.models.pretrain``) on local text files, one example per line, so tiny
             proxies start from a model that knows a language; nothing is downloaded.
     """
 

@@ -1,6 +1,6 @@
 """Model shapes for the planner, without building a model or touching the network.
 
-:class:`ModelShape` is what the memory and FLOP model (:mod:`dpg_lightning.step_cost`) needs
+:class:`ModelShape` is what the memory and FLOP model (:mod:`dpg_lightning.planning.cost`) needs
 to know about a causal LM. :func:`resolve_shape` finds it for a ``ModelConfig``: given on the
 command line, built from the config's own fields, read with ``transformers.AutoConfig`` from a
 local directory or the local hub cache, or from :data:`KNOWN_SHAPES` (the models the paper's
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from dpg_lightning.errors import ConfigError
-from dpg_lightning.models import ModelConfig
+from dpg_lightning.common.errors import ConfigError
+from dpg_lightning.models.build import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dpg_lightning.advantages import RunningPhi, compute_advantages, grpo_official_advantages
-from dpg_lightning.inner import InnerConfig, Phi, dataset_reward, metagradient_rewards
+from dpg_lightning.data.tokenization import TokenRows
+from dpg_lightning.dpg.advantages import RunningPhi, compute_advantages, grpo_official_advantages
+from dpg_lightning.dpg.policy import PolicyConfig
+from dpg_lightning.inner import InnerConfig, MetricFn, dataset_reward, metagradient_rewards
+from dpg_lightning.inner.shared_sft import SFTPlan, WorldInfo
 from dpg_lightning.inner.steps import Progress
-from dpg_lightning.policy import PolicyConfig
-from dpg_lightning.shared_sft import SFTPlan, WorldInfo
-from dpg_lightning.tokenization import TokenRows
 
 #: ``plan(n_local, group)``: this rank's inner order (and reduce) for an SFT over ``n_local``
 #: local examples; ``group`` is ``None`` for the whole set, else the inverse group's number.
@@ -64,7 +64,7 @@ def score_sfts(
     attribute: Attribute,
     target: nn.Module,
     data: TokenRows,
-    phi: Phi,
+    phi: MetricFn,
     inner: InnerConfig,
     plan_for: PlanFor,
     groups: list[Tensor] | None,
@@ -130,7 +130,7 @@ class _Scoring:
     grouped: bool
 
     def score(
-        self, target: nn.Module, data: TokenRows, phi: Phi, inner: InnerConfig,
+        self, target: nn.Module, data: TokenRows, phi: MetricFn, inner: InnerConfig,
         plan_for: PlanFor, samples_per_prompt: int, times: dict[str, float],
         progress: Progress | None = None,
     ) -> Scored:

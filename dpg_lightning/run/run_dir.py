@@ -34,12 +34,12 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
-from dpg_lightning.errors import ConfigError
+from dpg_lightning.common.errors import ConfigError
 
 CSV_CLASSES = {"CSVLogger", "lightning.pytorch.loggers.CSVLogger",
                "lightning.pytorch.loggers.csv_logs.CSVLogger",
                "pytorch_lightning.loggers.CSVLogger"}
-RUN_CSV = "dpg_lightning.run_dir.RunCSVLogger"
+RUN_CSV = "dpg_lightning.run.run_dir.RunCSVLogger"
 WANDB_ID_FILE = "wandb_run_id"
 
 

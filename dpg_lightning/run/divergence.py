@@ -4,7 +4,7 @@ One non-finite step (rewards, Phi after the inner SFT, or an inner loss) is skip
 policy update would poison the generator, and a rare overflow should not end a long run. A
 run whose steps stay non-finite, though, only burns its allocation while it logs NaN and
 saves checkpoints: after ``limit`` consecutive such steps :class:`DivergenceGuard` raises
-:class:`~dpg_lightning.errors.TrainingDiverged`, whose message names what was non-finite and
+:class:`~dpg_lightning.common.errors.TrainingDiverged`, whose message names what was non-finite and
 which settings to lower, and the CLI exits non-zero.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dpg_lightning.errors import TrainingDiverged
+from dpg_lightning.common.errors import TrainingDiverged
 
 
 @dataclass

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from dpg_lightning.errors import ConfigError
+from dpg_lightning.common.errors import ConfigError
 
 
 def plain(value: Any) -> Any:

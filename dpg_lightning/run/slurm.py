@@ -17,7 +17,7 @@ from typing import Any
 import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 
-from dpg_lightning.errors import ConfigError
+from dpg_lightning.common.errors import ConfigError
 
 
 def _int_env(name: str) -> int | None:

@@ -1,0 +1,1 @@
+"""The DPG step as plain functions: rollout, rewards, advantages, the policy loss (no Lightning)."""
