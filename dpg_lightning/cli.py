@@ -8,8 +8,8 @@ prompt stream is endless, so validation is scheduled every ``val_check_interval`
 
 Before anything is built the CLI resolves the run's directory and checkpoint
 (:mod:`dpg_lightning.run.run_dir`) and checks the config on this machine
-(:mod:`dpg_lightning.run.preflight`); an error the user can act on prints one line and exits non-zero
-(:func:`exit_on_run_error`); a run stopped by SIGTERM/SIGINT exits ``128 + signal``.
+(:mod:`dpg_lightning.run.preflight`); an error the user can act on prints one line and exits
+non-zero (:func:`exit_on_run_error`); a run stopped by SIGTERM/SIGINT exits ``128 + signal``.
 """
 
 from __future__ import annotations

@@ -1,1 +1,2 @@
-"""What every layer shares: user-facing errors and checks, seeds, hub reachability (no Lightning)."""
+"""What every layer shares: user-facing errors and checks, seeds, hub reachability (no Lightning).
+"""

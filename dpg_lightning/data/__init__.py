@@ -1,1 +1,3 @@
-"""Data sources and tokenization: prompts, text files and hub datasets, the target's row format (no Lightning)."""
+"""Data sources and tokenization: prompts, text files and hub datasets, the target's row format
+(no Lightning).
+"""

@@ -1,1 +1,2 @@
-"""The DPG step as plain functions: rollout, rewards, advantages, the policy loss (no Lightning)."""
+"""The DPG step as plain functions: rollout, rewards, advantages, the policy loss (no Lightning).
+"""

@@ -97,7 +97,8 @@ class _Replay:
     the synthetic set, the optimizer and which moment lists it uses, ``ones`` (the virtual
     example weights at 1, a template of their dtype and device), how a step's loss is
     formed (micro-batches, normalisation), and, for an SFT shared by several ranks, the
-    differentiable SUM across ranks of per-rank gradients (:mod:`dpg_lightning.inner.shared_sft`)."""
+    differentiable SUM across ranks of per-rank gradients
+    (:mod:`dpg_lightning.inner.shared_sft`)."""
 
     target: nn.Module
     data: TokenRows

@@ -1,1 +1,3 @@
-"""Generator and target: their config, building or loading them, optional tiny pretraining (no Lightning)."""
+"""Generator and target: their config, building or loading them, optional tiny pretraining (no
+Lightning).
+"""

@@ -1,1 +1,2 @@
-"""The planner: memory, storage, FLOPs and time of one DPG step, from shapes alone (no Lightning)."""
+"""The planner: memory, storage, FLOPs and time of one DPG step, from shapes alone (no Lightning).
+"""

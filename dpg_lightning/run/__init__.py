@@ -1,1 +1,3 @@
-"""A run's lifecycle around Lightning: run directory, checkpoints, stopping, divergence, progress, threads, preflight."""
+"""A run's lifecycle around Lightning: run directory, checkpoints, stopping, divergence, progress,
+threads, preflight.
+"""
