@@ -1,59 +1,24 @@
-"""Shared fixtures: tiny models (no downloads) and a truly-float64 Llama for finite differences."""
+"""Shared pytest fixtures: the tokenizer and a truly-float64 Llama for finite differences.
+
+Plain helpers (tiny models, optimizers, finite differences, tiny-fit arguments) live in
+tests/helpers.py; tests import those from there, never from this file.
+"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from dpg_lightning.inner import run_sft
-from dpg_lightning.inner.optim import InnerOptimConfig
-from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
+from dpg_lightning.models.build import ModelConfig, load_tokenizer
 
 # Tiny models gain nothing from intra-op threads, and on a loaded 2-core box two threads per
 # test process were seen to be ~50x slower than one.
 torch.set_num_threads(1)
 
 
-TEXTS = ["hello world", "abc", "the cat sat", "zz top", "qwerty!", "a"]
-#: Inner optimizers the metagradient tests run; files parametrize over the subsets they need.
-OPTIMS = {
-    "sgd": InnerOptimConfig("sgd", lr=0.5),
-    "sgd_momentum": InnerOptimConfig("sgd", lr=0.2, momentum=0.9, weight_decay=0.01),
-    "adam": InnerOptimConfig("adam", lr=1e-2, eps_root=1e-8, weight_decay=0.01),
-    "adamw": InnerOptimConfig("adamw", lr=1e-2, eps_root=1e-8, weight_decay=0.1),
-}
-
-
-def finite_difference_rewards(target, data, phi, cfg, order, h=1e-5):
-    """Central differences of Phi(SFT(eps)) per example, re-running the real (plain) SFT."""
-    out = []
-    for i in range(len(data)):
-        values = []
-        for sign in (1.0, -1.0):
-            eps = torch.ones(len(data), dtype=torch.float64)
-            eps[i] += sign * h
-            values.append(run_sft(target, data, eps, phi, cfg, order, create_graph=False)[0])
-        out.append((values[0] - values[1]) / (2 * h))
-    return torch.stack(out).detach()
-
-
 @pytest.fixture(scope="session")
 def tokenizer():
     return load_tokenizer(ModelConfig())
-
-
-def tiny(arch: str = "gpt2", dtype: str = "float64", **kw):
-    """A tiny frozen target (the inner loop never trains the module in place)."""
-    cfg = ModelConfig(
-        arch=arch,
-        hidden_size=16,
-        num_layers=2,
-        num_heads=2,
-        intermediate_size=32,
-        dtype=dtype,
-        **kw,
-    )
-    return build_model(cfg, len(load_tokenizer(cfg))).requires_grad_(False)
 
 
 @pytest.fixture

@@ -11,26 +11,13 @@ import pytest
 import torch
 
 from dpg_lightning.cli import main
+from tests.helpers import TINY_CONFIG, tiny_fit_args
 
-CONFIG = "configs/tiny/l2_norm.yaml"
-FAST = [
-    "--trainer.max_steps=2",
-    "--trainer.val_check_interval=2",
-    "--trainer.enable_progress_bar=false",
-    "--model.sampling.max_new_tokens=8",
-    "--model.sampling.samples_per_prompt=2",
-    "--data.num_prompts=2",
-    "--data.val_num_prompts=2",
-    "--model.inner.batch_size=2",
-]
+CONFIG = TINY_CONFIG
 
 
 def _fast(tmp_path: Path) -> list[str]:
-    return [
-        *FAST,
-        f"--trainer.default_root_dir={tmp_path}",
-        f"--trainer.logger.init_args.save_dir={tmp_path}",
-    ]
+    return tiny_fit_args("--trainer.max_steps=2", "--trainer.val_check_interval=2", root=tmp_path)
 
 
 @pytest.mark.slow

@@ -25,8 +25,8 @@ from dpg_lightning.inner import (
     unrolled,
 )
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
-from tests.conftest import OPTIMS as ALL_OPTIMS
-from tests.conftest import TEXTS, tiny
+from tests.helpers import OPTIMS as ALL_OPTIMS
+from tests.helpers import TEXTS, relative_error, tiny
 
 OPTIMS = {k: ALL_OPTIMS[k] for k in ("sgd", "adam")}
 
@@ -42,9 +42,6 @@ def _pre_knob_batch_loss(forward, data: TokenRows, idx, eps, *_ignored):
     losses = per_example_loss(logits.to(eps.dtype), data.labels[local])
     return (weight * losses).sum() / len(idx)
 
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 def _random_texts(n: int, seed: int) -> list[str]:
@@ -98,8 +95,8 @@ def test_activation_checkpointing_is_exact(arch, optim, tokenizer, float64_llama
         out[ckpt] = metagradient_rewards(target, data, phi, cfg, order)
     assert out[True][0].dtype == torch.float64
     assert out[False][0].abs().max() > 0
-    assert _relative(out[True][0], out[False][0]) < 1e-10
-    assert _relative(out[True][1], out[False][1]) < 1e-10
+    assert relative_error(out[True][0], out[False][0]) < 1e-10
+    assert relative_error(out[True][1], out[False][1]) < 1e-10
     # Plain SFT (validation, dataset reward) goes through the same path.
     eps = torch.ones(len(data), dtype=torch.float64)
     plain = [
@@ -108,7 +105,7 @@ def test_activation_checkpointing_is_exact(arch, optim, tokenizer, float64_llama
         ), order, create_graph=False)[0]
         for c in (False, True)
     ]
-    assert _relative(plain[1], plain[0]) < 1e-10
+    assert relative_error(plain[1], plain[0]) < 1e-10
 
 
 @pytest.mark.parametrize("backend", ["higher", "replay"])

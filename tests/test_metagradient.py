@@ -20,8 +20,8 @@ from dpg_lightning.inner import (
     metagradient_rewards,
 )
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
-from tests.conftest import OPTIMS as ALL_OPTIMS
-from tests.conftest import TEXTS, finite_difference_rewards, tiny
+from tests.helpers import OPTIMS as ALL_OPTIMS
+from tests.helpers import TEXTS, finite_difference_rewards, tiny
 
 OPTIMS = {k: ALL_OPTIMS[k] for k in ("sgd", "adam", "adamw")}
 

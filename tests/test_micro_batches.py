@@ -14,15 +14,12 @@ from dpg_lightning.data.tokenization import tokenize_examples
 from dpg_lightning.inner import InnerConfig, ReplayConfig, inner_order, metagradient_rewards
 from dpg_lightning.inner.steps import micro_batches
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
-from tests.conftest import OPTIMS, tiny
+from tests.helpers import OPTIMS, relative_error, tiny
 
 TEXTS = ["hello world", "abc", "the cat sat", "zz top", "qwerty!", "a", "dpg", "x y", "mb", "10"]
 BACKENDS = [("higher", None), ("func", None), ("replay", ReplayConfig()),
             ("replay", ReplayConfig(checkpoint="sqrt", storage="disk", offload_adjoint=True))]
 
-
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def test_micro_batches_split_only_this_ranks_examples():
@@ -54,9 +51,9 @@ def test_micro_batched_sft_equals_the_unsplit_one(arch, backend, replay, optim, 
     whole, phi, losses = run(None)
     split, phi_split, losses_split = run(2)
     assert whole.abs().max() > 0
-    assert _relative(split, whole) < 1e-10
-    assert _relative(phi_split.reshape(1), phi.reshape(1)) < 1e-12
-    assert _relative(torch.stack(losses_split), torch.stack(losses)) < 1e-12
+    assert relative_error(split, whole) < 1e-10
+    assert relative_error(phi_split.reshape(1), phi.reshape(1)) < 1e-12
+    assert relative_error(torch.stack(losses_split), torch.stack(losses)) < 1e-12
     # one micro-batch as large as the batch is the unsplit step, bit for bit
     same, _, _ = run(5)
     assert torch.equal(same, whole)

@@ -9,7 +9,7 @@ from dpg_lightning.inner import trainable_names
 from dpg_lightning.metrics.base import check_metric
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from dpg_lightning.models.build import ModelConfig, _check_vocab, build_model, load_tokenizer
-from tests.conftest import tiny
+from tests.helpers import tiny
 
 
 def test_local_checkpoint_loads_with_eager_attention_and_no_dropout(tmp_path):

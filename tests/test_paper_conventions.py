@@ -52,7 +52,7 @@ from dpg_lightning.metrics.patterns import (
 )
 from dpg_lightning.models.build import ModelConfig, build_model
 from dpg_lightning.module import DPGModule
-from tests.conftest import OPTIMS, TEXTS, finite_difference_rewards, tiny
+from tests.helpers import OPTIMS, TEXTS, finite_difference_rewards, tiny
 
 OFFICIAL_67 = [[1, 1, 1, 1, -1, -1, -1], [-1, -1, -1, 1, 1, 1, -1], [-1, 1, 1, 1, 1, 1, -1],
                [-1, -1, -1, 1, 1, 1, -1], [-1, 1, -1, 1, 1, 1, -1], [-1, -1, -1, 1, 1, 1, 1]]

@@ -27,7 +27,7 @@ from dpg_lightning.inner import (
 )
 from dpg_lightning.inner.replay_storage import check_replay_storage, checkpoint_steps
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
-from tests.conftest import OPTIMS, finite_difference_rewards, tiny
+from tests.helpers import OPTIMS, finite_difference_rewards, relative_error, tiny
 
 TEXTS = ["hello world", "abc", "the cat sat", "zz top", "qwerty!", "a", "dpg", "x y"]
 POLICIES = [("every", "cpu"), ("every", "disk"), ("every_k", "cpu"), ("every_k", "disk")]
@@ -50,9 +50,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
-
 
 @pytest.mark.parametrize("optim", OPTIMS)
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -73,7 +70,7 @@ def test_replay_matches_higher(arch, optim, tokenizer, float64_llama, tmp_path):
         cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="replay", replay=rcfg)
         times: dict[str, float] = {}
         rewards, value, losses = metagradient_rewards(target, data, phi, cfg, order, times)
-        rel = _relative(rewards, ref)
+        rel = relative_error(rewards, ref)
         assert rel < 1e-6, f"{policy}/{storage}/offload={offload}: relative error {rel:.2e}"
         assert abs((value - ref_value) / ref_value) < 1e-12
         torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-12, atol=0)
@@ -103,7 +100,7 @@ def test_lm_head_only_replay(tokenizer, float64_llama):
     rcfg = ReplayConfig(checkpoint="every_k", k=10)
     cfg = InnerConfig(**common, backend="replay", replay=rcfg)
     rewards, _, _ = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
-    assert _relative(rewards, ref) < 1e-6
+    assert relative_error(rewards, ref) < 1e-6
 
 
 def test_checkpoint_policies():

@@ -18,39 +18,10 @@ import torch
 import yaml
 
 from dpg_lightning.cli import main
+from tests.helpers import tiny_fit_config as _config
 
 ROOT = Path(__file__).resolve().parents[1]
 K, J = 2, 2
-
-
-def _config(tmp: Path, name: str, max_steps: int, **model_overrides) -> Path:
-    """The tiny config, shrunk to seconds, checkpointing every step under ``tmp/name``."""
-    cfg = yaml.safe_load((ROOT / "configs/tiny/l2_norm.yaml").read_text())
-    run = tmp / name
-    cfg["trainer"].update(
-        max_steps=max_steps,
-        val_check_interval=1000,
-        log_every_n_steps=1,
-        default_root_dir=str(run),
-        enable_progress_bar=False,
-        logger={"class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(run), "name": "csv", "version": 0}},
-        callbacks=[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                    "init_args": {"dirpath": str(run / "ckpt"), "every_n_train_steps": 1,
-                                  "save_top_k": -1, "filename": "step{step}",
-                                  "auto_insert_metric_name": False}}],
-    )
-    model = cfg["model"]
-    for m in ("generator", "target"):
-        model[m].update(hidden_size=32, intermediate_size=64, num_layers=1)
-    model["sampling"].update(samples_per_prompt=2, max_new_tokens=8)
-    model["inner"].update(batch_size=2, max_length=16)
-    model.update(model_overrides)
-    cfg["data"].update(prompt_file=str(ROOT / "configs/tiny/prompts.txt"), num_prompts=2,
-                       val_num_prompts=2)
-    path = tmp / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def _fit(config: Path, *extra: str) -> None:

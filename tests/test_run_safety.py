@@ -35,24 +35,16 @@ from dpg_lightning.run.last_checkpoint import LastCheckpoint
 from dpg_lightning.run.progress import PhaseReporter, PhaseTQDMProgressBar
 from dpg_lightning.run.run_dir import RunCSVLogger, checkpoint_step, unreadable
 from dpg_lightning.run.threads import choose_threads
+from tests.helpers import TINY_CONFIG, tiny_fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = "configs/tiny/l2_norm.yaml"
-TINY = [
-    "--trainer.enable_progress_bar=false",
-    "--model.sampling.max_new_tokens=8",
-    "--model.sampling.samples_per_prompt=2",
-    "--data.num_prompts=2",
-    "--data.val_num_prompts=2",
-    "--model.inner.batch_size=2",
-    "--model.generator.hidden_size=32",
-    "--model.target.hidden_size=32",
-]
+CONFIG = TINY_CONFIG
+SMALL = ("--model.generator.hidden_size=32", "--model.target.hidden_size=32")
+TINY = tiny_fit_args(*SMALL)
 
 
 def _args(root: Path, *extra: str) -> list[str]:
-    return ["fit", "--config", CONFIG, *TINY, f"--trainer.default_root_dir={root}",
-            f"--trainer.logger.init_args.save_dir={root}", *extra]
+    return ["fit", "--config", CONFIG, *tiny_fit_args(*SMALL, root=root), *extra]
 
 
 def _foreground_sigint() -> None:

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_resume import _config  # tests/ is on sys.path (pytest rootdir insertion)
+
+from tests.helpers import tiny_fit_config
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "slurm" / "single_node.sbatch"
-NUM_PROMPTS, SAMPLES = 2, 2  # per rank (the tiny config of test_resume)
+NUM_PROMPTS, SAMPLES = 2, 2  # per rank (tests.helpers.tiny_fit_config)
 
 
 SCRIPT = ROOT / "slurm" / "testing" / "start_cluster.sh"
@@ -129,7 +130,7 @@ def cluster(tmp_path_factory):
 
 def _slurm_config(tmp: Path, max_steps: int) -> Path:
     """The tiny config; checkpoints every step (and last.ckpt), under the job's run dir."""
-    path = _config(tmp, "cfg", max_steps)
+    path = tiny_fit_config(tmp, "cfg", max_steps)
     cfg = yaml.safe_load(path.read_text())
     cfg["trainer"]["callbacks"][0]["init_args"] = {
         "every_n_train_steps": 1, "save_last": True, "save_top_k": -1,
