@@ -1,7 +1,9 @@
 """dpg_lightning: Dataset Policy Gradient (Thrush et al., 2026) in PyTorch Lightning.
 
-Core math is importable without Lightning: ``dpg_lightning.inner`` (differentiable SFT and
-metagradient rewards), ``advantages``, ``policy``, ``rollout``, ``optim``, ``objectives``.
+Core math is importable without Lightning: ``inner`` (differentiable SFT and metagradient
+rewards), ``dpg`` (rewards, advantages, policy, rollout), ``metrics``, ``models``, ``data``,
+``planning``, ``common``. The Lightning shell is the top-level modules (``module``,
+``datamodule``, ``cli``, ``plan``, ``sample``, ``config_parser``) and ``run``.
 """
 
 __version__ = "0.1.0"
