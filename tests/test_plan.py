@@ -34,7 +34,7 @@ CONFIGS = sorted((ROOT / "configs").glob("tiny/*.yaml")) + sorted(
     (ROOT / "configs").glob("paper/*.yaml")
 )
 #: A training node's host memory and node-local disk (GiB) for the paper configs' replay
-#: checkpoints (the defaults are this machine's, where the paper configs are only planned).
+#: checkpoints (without them a GPU config's node storage is not checked, only reported).
 NODE = ["--host_memory", "2000", "--disk", "4000"]
 KEY_LINES = ("one DPG step", "rollouts", "inner steps", "micro-batches", "peak memory per device",
              "peak:", "replay checkpoints", "FLOPs per rank")
