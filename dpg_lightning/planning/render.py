@@ -119,7 +119,7 @@ def _replay_lines(plan: Plan, machine: Machine) -> list[str]:
     if unknown:
         lines += [
             f"  not checked    the training node's {' and '.join(unknown)} (GiB): pass them,",
-            "                 or --local to check this machine's (for a run here)",
+            "                 or --local true to check this machine's (for a run here)",
         ]
     return lines
 
