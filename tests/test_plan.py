@@ -16,14 +16,17 @@ from pathlib import Path
 import pytest
 
 from dpg_lightning.cli import main
-from dpg_lightning.plan import config_from_args, evaluate, knobs, parser
+from dpg_lightning.plan import parser
 from dpg_lightning.planning.cost import (
     GiB,
     Inner,
-    Rollout,
+    RolloutShape,
     inner_terms,
     step_flops,
 )
+from dpg_lightning.planning.estimate import estimate
+from dpg_lightning.planning.inputs import PlanInputs, inputs_from_config
+from dpg_lightning.planning.search import knobs
 from dpg_lightning.planning.shapes import KNOWN_SHAPES, ModelShape
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,13 +34,21 @@ CONFIGS = sorted((ROOT / "configs").glob("tiny/*.yaml")) + sorted(
     (ROOT / "configs").glob("paper/*.yaml")
 )
 #: A training node's host memory and node-local disk (GiB) for the paper configs' replay
-#: checkpoints (the defaults are this machine's, where the paper configs are only planned).
+#: checkpoints (without them a GPU config's node storage is not checked, only reported).
 NODE = ["--host_memory", "2000", "--disk", "4000"]
 KEY_LINES = ("one DPG step", "rollouts", "inner steps", "micro-batches", "peak memory per device",
              "peak:", "replay checkpoints", "FLOPs per rank")
 #: What a "does not fit" message proposes, as a command-line override.
 SUGGESTION = re.compile(r"`(model\.[\w.]+): ([^`]+)`")
 GPT2 = KNOWN_SHAPES["openai-community/gpt2"]
+
+
+def _inputs(argv: list[str]) -> PlanInputs:
+    """The plan's inputs from ``plan``'s command line, as the command builds them."""
+    args = parser().parse_args(argv)
+    inputs, _ = inputs_from_config(args.as_dict(), gpus=args.gpus,
+                                   prompt_tokens=args.prompt_tokens)
+    return inputs
 
 
 def _plan(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -71,10 +82,9 @@ def test_plans_every_config_without_models_or_files(config, capsys):
 
 @pytest.mark.parametrize("gpus", [1, 8])
 def test_paper_qr_counts_the_shared_set(gpus):
-    args = parser().parse_args(["--config", "configs/paper/qr.yaml", "--gpus", str(gpus)])
-    cfg, _ = config_from_args(args)
-    plan = evaluate(cfg)
-    rows = args.data.num_prompts * cfg.sampling.samples_per_prompt
+    cfg = _inputs(["--config", "configs/paper/qr.yaml", "--gpus", str(gpus)])
+    plan = estimate(cfg)
+    rows = cfg.num_prompts * cfg.sampling.samples_per_prompt
     assert plan.rows == rows and plan.set_size == rows * gpus
     assert plan.steps == math.ceil(rows * gpus / cfg.inner.batch_size)
     assert plan.inner.rows_per_step == min(rows, math.ceil(cfg.inner.batch_size / gpus))
@@ -91,8 +101,7 @@ def _tiny_replay(micro: int) -> list[str]:
 
 
 def test_a_micro_batch_that_cannot_fit_names_inner_micro_batch_size(capsys):
-    peaks = {m: evaluate(config_from_args(parser().parse_args(_tiny_replay(m)))[0]).peak
-             for m in (4, 32)}
+    peaks = {m: estimate(_inputs(_tiny_replay(m))).peak for m in (4, 32)}
     assert peaks[32][1] == "inner SFT" and peaks[32][0] > peaks[4][0]
     memory = (peaks[4][0] + peaks[32][0]) / 2 / GiB
     code, out, err = _plan([*_tiny_replay(32), "--gpu_memory", f"{memory:.6f}"], capsys)
@@ -133,23 +142,23 @@ def test_a_shape_given_on_the_command_line_is_used(capsys):
 
 def test_rollout_and_policy_knobs():
     """Where the rollout or the policy update sets the peak, the knob is that phase's."""
-    cfg, _ = config_from_args(parser().parse_args(["--config", "configs/tiny/l2_norm.yaml"]))
+    cfg = _inputs(["--config", "configs/tiny/l2_norm.yaml"])
     big = replace(
         cfg, gen=KNOWN_SHAPES["meta-llama/Llama-3.2-1B-Instruct"], num_prompts=64,
         sampling=replace(cfg.sampling, max_new_tokens=128, generation_batch_size=None),
     )
-    policy_heavy = evaluate(replace(big, policy=replace(cfg.policy, num_minibatches=1)))
+    policy_heavy = estimate(replace(big, policy=replace(cfg.policy, num_minibatches=1)))
     assert policy_heavy.peak[1] == "policy update"
     hint = knobs(policy_heavy, policy_heavy.peak[0] * 0.9)
     assert any("model.policy.num_minibatches" in k for k in hint), hint
     # first the knob that keeps the update: micro-batches accumulated into the same mini-batch
     assert "model.policy.micro_batch_size" in hint[0], hint
     micro = int(hint[0].split(": ")[1].split("`")[0])
-    fixed = evaluate(replace(policy_heavy.cfg, policy=replace(
-        policy_heavy.cfg.policy, micro_batch_size=micro)))
+    fixed = estimate(replace(policy_heavy.inputs, policy=replace(
+        policy_heavy.inputs.policy, micro_batch_size=micro)))
     assert fixed.peak[0] <= policy_heavy.peak[0] * 0.9
     assert fixed.rollout.updates == policy_heavy.rollout.updates
-    rollout_heavy = evaluate(replace(big, policy=replace(cfg.policy, num_minibatches=256)))
+    rollout_heavy = estimate(replace(big, policy=replace(cfg.policy, num_minibatches=256)))
     assert rollout_heavy.peak[1] == "rollout"
     hint = knobs(rollout_heavy, rollout_heavy.peak[0] * 0.9)
     assert any("model.sampling.generation_batch_size" in k for k in hint), hint
@@ -193,8 +202,8 @@ def test_unrolled_memory_grows_with_inner_steps():
 
 def test_flops_scale_as_the_computation():
     gen = KNOWN_SHAPES["meta-llama/Llama-3.2-1B-Instruct"]
-    r = Rollout(rows=64, prompt=256, new=128, chunk=64, minibatch=64, updates=1, compute_bytes=2,
-                reference=False)
+    r = RolloutShape(rows=64, prompt=256, new=128, chunk=64, minibatch=64, updates=1,
+                     compute_bytes=2, reference=False)
     replay = step_flops(gen, GPT2, r, _inner("replay", micro_rows=16), 1, 0)
     tokens = 64 * 384
     assert replay.rollout == 2 * gen.matmul_params * tokens
@@ -213,3 +222,45 @@ def test_flops_scale_as_the_computation():
     assert doubled.inner_sft == 2 * unrolled.inner_sft
     with_ref = step_flops(gen, GPT2, replace(r, reference=True), _inner("higher"), 1, 0)
     assert with_ref.scoring == 2 * unrolled.scoring
+
+
+def test_a_gpu_config_is_planned_for_its_node_not_this_machine(capsys, monkeypatch):
+    """A GPU config's replay storage is the training node's: this machine's memory and disk
+    (here: none at all) do not fail the plan unless ``--local`` says the run is here."""
+    import dpg_lightning.plan as command
+    from dpg_lightning.planning.machine import Capacity
+
+    monkeypatch.setattr(command, "local_host_memory", lambda: Capacity(0, "available here"))
+    monkeypatch.setattr(command, "local_free_disk", lambda _: Capacity(0, "free here"))
+    qr = ["--config", "configs/paper/qr.yaml", "--gpus", "8"]
+    code, out, err = _plan(qr, capsys)
+    assert code == 0, err
+    assert "--host_memory and --disk" in out and "--local" in out
+    code, out, err = _plan([*qr, "--local", "true"], capsys)
+    assert code == 3 and "available here" in err and "free here" in err, err
+    assert "the training node's --host_memory" in err
+    code, _, err = _plan([*qr, "--host_memory", "0.001"], capsys)
+    assert code == 3 and "host memory" in err and "disk:" not in err, err
+    # a CPU config runs where it is planned: this machine is checked
+    code, _, err = _plan(["--config", "configs/tiny/l2_norm.yaml",
+                          "--model.inner.backend", "replay"], capsys)
+    assert code == 3 and "available here" in err, err
+
+
+def test_a_plan_that_does_not_fit_says_so_one_problem_and_one_remedy_a_line(capsys):
+    code, _, err = _plan([*_tiny_replay(8), "--model.inner.replay.storage", "disk",
+                          "--model.inner.replay.checkpoint", "sqrt",
+                          "--disk", "0.00001", "--host_memory", "0.00001"], capsys)
+    assert code == 3, err
+    lines = err.splitlines()
+    assert [line.split(":")[0].strip() for line in lines if line.startswith("  ")
+            and not line.startswith("    ")] == ["host memory", "disk"], err
+    assert all(len(line) <= 110 for line in lines), err
+    assert sum("`model.inner.replay.checkpoint" in line for line in lines) == 2, err
+
+
+def test_the_run_time_counts_max_steps_as_dpg_steps(capsys):
+    code, out, err = _plan(["--config", "configs/tiny/l2_norm.yaml", "--trainer.max_steps",
+                            "7", "--model.policy.num_minibatches", "4"], capsys)
+    assert code == 0, err
+    assert "  the run        7 DPG steps (trainer.max_steps)" in out, out

@@ -1,8 +1,8 @@
-"""The memory and FLOP model of one DPG step: plain functions of model shapes and settings,
-and where the shapes come from (without a model or the network).
+"""The memory and FLOP model of one DPG step: plain functions of model shapes
+(:mod:`dpg_lightning.planning.shapes`) and settings, without a model or the network.
 
-``python -m dpg_lightning plan`` (:mod:`dpg_lightning.plan`) prints these numbers for a config
-without building a model; they live here, apart from the command, so that each term can be
+:mod:`dpg_lightning.planning.estimate` assembles these terms into one step's plan, which
+``python -m dpg_lightning plan`` prints; they live here, apart from it, so that each term can be
 tested on its own and checked against measurements (``benchmarks/plan_check.py``, numbers in
 ``benchmarks/README.md``). Nothing here imports Lightning or builds a tensor.
 
@@ -256,8 +256,10 @@ def checkpoint_bytes(trained_bytes: int, k: int, saved: int, segment: int, offlo
 
 
 @dataclass(frozen=True)
-class Rollout:
-    """This rank's sampling and policy update (see :func:`generator_terms`)."""
+class RolloutShape:
+    """The sizes of this rank's sampling and policy update that memory and FLOPs depend on
+    (not :class:`dpg_lightning.dpg.rollout.Rollout`, the sampled batch itself; see
+    :func:`rollout_bytes` and :func:`policy_update_bytes`)."""
 
     rows: int  # prompts x samples on this rank
     prompt: int  # prompt tokens (assumed)
@@ -287,7 +289,7 @@ def generator_persistent(shape: ModelShape, reference: bool) -> list[tuple[str, 
     return items
 
 
-def rollout_bytes(shape: ModelShape, r: Rollout) -> list[tuple[str, int]]:
+def rollout_bytes(shape: ModelShape, r: RolloutShape) -> list[tuple[str, int]]:
     """Generation for one chunk: the KV cache over prompt + completion, and the last position's
     logits with the sampler's fp32 copies (about 4); or, if larger, one chunk's no-grad scoring
     (model logits over prompt + completion, plus the fp32 copy and log-softmax of the
@@ -302,7 +304,7 @@ def rollout_bytes(shape: ModelShape, r: Rollout) -> list[tuple[str, int]]:
     return [(f"scoring logits, {r.chunk} rows x {ctx} tokens", score)]
 
 
-def policy_update_bytes(shape: ModelShape, r: Rollout) -> list[tuple[str, int]]:
+def policy_update_bytes(shape: ModelShape, r: RolloutShape) -> list[tuple[str, int]]:
     """One micro-batch's forward + backward through the generator (the whole minibatch
     without ``policy.micro_batch_size``): the blocks' first-order activations, the model's
     logits over prompt + completion, and 4 fp32 completion-logit copies (upcast, temperature,
@@ -324,7 +326,7 @@ class Flops:
     attribution: float
 
 
-def step_flops(gen: ModelShape, target: ModelShape, r: Rollout, inner: Inner,
+def step_flops(gen: ModelShape, target: ModelShape, r: RolloutShape, inner: Inner,
                iterations: int, recompute_steps: int) -> Flops:
     """FLOPs of one step on one rank (``2P`` per token forward, ``6P`` forward + backward,
     attention's own FLOPs left out).
@@ -357,7 +359,3 @@ def step_flops(gen: ModelShape, target: ModelShape, r: Rollout, inner: Inner,
         inner_sft=sft,
         attribution=attribution,
     )
-
-
-# ----------------------------------------------------------------------------- shapes
-
