@@ -13,8 +13,8 @@ with its outputs redirected to a temporary directory.
 
 Usage::
 
-    python benchmarks/dpg_step.py                   # 12 steps + KV cache + whole demo
-    python benchmarks/dpg_step.py --no-demo --steps 6
+    python -m benchmarks.dpg_step                   # 12 steps + KV cache + whole demo
+    python -m benchmarks.dpg_step --no-demo --steps 6
 """
 
 from __future__ import annotations

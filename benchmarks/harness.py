@@ -1,7 +1,8 @@
 """The measuring harness the benchmark scripts share: targets, data, ``Phi``, one timed call.
 
-The scripts (``metagrad_cost.py``, ``knobs.py``) import it from their own directory (``python
-benchmarks/<script>.py`` puts ``benchmarks/`` first on ``sys.path``); it is not a package.
+The scripts import it as ``benchmarks.harness`` and run as modules from the repository root
+(``python -m benchmarks.<script>``); child processes are started the same way
+(:func:`module_command`).
 
 Why the measurement is made this way. The box the numbers come from is usually a shared CPU:
 
@@ -198,13 +199,30 @@ def machine_line(device: str, threads: int) -> str:
     )
 
 
-def reexec_with_malloc_env(script: str, argv: list[str]) -> None:
-    """Re-execute ``script argv`` with :data:`MALLOC_ENV` unless it is already set.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def module_command(module: str) -> list[str]:
+    """``python -m module``: how a benchmark starts a copy of itself (``module``: ``__spec__``'s
+    name, e.g. ``benchmarks.knobs``)."""
+    return [sys.executable, "-m", module]
+
+
+def module_env(**extra: str) -> dict[str, str]:
+    """This process's environment plus ``extra``, with the repository root first on
+    ``PYTHONPATH`` so that ``python -m benchmarks.<name>`` resolves from any directory."""
+    path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, **extra, "PYTHONPATH": path}
+
+
+def reexec_with_malloc_env(module: str, argv: list[str]) -> None:
+    """Re-execute ``python -m module argv`` with :data:`MALLOC_ENV` unless it is already set.
 
     glibc reads these settings before the first allocation, so they cannot be set from inside.
     """
     if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        os.execve(sys.executable, [sys.executable, script, *argv], {**os.environ, **MALLOC_ENV})
+        cmd = module_command(module)
+        os.execve(cmd[0], [*cmd, *argv], module_env(**MALLOC_ENV))
 
 
 def without_measure(argv: list[str]) -> list[str]:
@@ -220,8 +238,9 @@ def without_measure(argv: list[str]) -> list[str]:
     return out
 
 
-def memory_in_child(script: str, argv: list[str]) -> list[dict]:
-    """The rows of ``script argv --measure memory``, run in a child with :data:`MALLOC_ENV`.
+def memory_in_child(module: str, argv: list[str]) -> list[dict]:
+    """The rows of ``python -m module argv --measure memory``, run in a child with
+    :data:`MALLOC_ENV`.
 
     Timing runs in this process with the normal allocator (forcing every freed buffer back to
     the OS costs page faults and would inflate every time); memory runs in a child where freed
@@ -235,7 +254,7 @@ def memory_in_child(script: str, argv: list[str]) -> list[dict]:
         pass
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "memory.json")
-        cmd = [sys.executable, script, *without_measure(argv), "--measure", "memory"]
-        subprocess.run([*cmd, "--json-out", out], env={**os.environ, **MALLOC_ENV}, check=True)
+        cmd = [*module_command(module), *without_measure(argv), "--measure", "memory"]
+        subprocess.run([*cmd, "--json-out", out], env=module_env(**MALLOC_ENV), check=True)
         with open(out) as f:
             return json.load(f)

@@ -1,8 +1,5 @@
 """Memory knobs of the inner SFT, side by side: peak memory and time of one metagradient.
 
-Run it as a script (``python benchmarks/knobs.py``): it imports ``harness`` from its own
-directory.
-
 Knobs (``InnerConfig``): which parameters the inner SFT trains (``train_params``: all, the LM
 head, the last N blocks), ``autocast: bf16`` for the inner forward, and
 ``activation_checkpointing`` (``func`` backend). Why a separate script: the knobs trade
@@ -22,9 +19,9 @@ last-N-blocks rows would have nothing to differentiate.
 
 Usage::
 
-    python benchmarks/knobs.py                          # small GPT-2 shape, 4 steps
-    python benchmarks/knobs.py --size gpt2 --steps 2 --device cuda
-    python benchmarks/knobs.py --arch llama             # untied LM head
+    python -m benchmarks.knobs                          # small GPT-2 shape, 4 steps
+    python -m benchmarks.knobs --size gpt2 --steps 2 --device cuda
+    python -m benchmarks.knobs --arch llama             # untied LM head
 """
 
 from __future__ import annotations
@@ -32,12 +29,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
-from harness import (
+
+from benchmarks.harness import (
     SIZES,
     build_target,
     fastest,
@@ -50,7 +47,6 @@ from harness import (
     mib,
     reexec_with_malloc_env,
 )
-
 from dpg_lightning.inner import (
     InnerConfig,
     InnerOptimConfig,
@@ -205,17 +201,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--measure", choices=["time", "memory", "both"], default="both")
     p.add_argument("--json-out", default=None)
     args = p.parse_args(argv)
-    script = os.path.abspath(__file__)
+    module = "benchmarks.knobs"
     if args.device == "cpu" and args.measure == "memory":
         # glibc reads these before the first allocation: re-execute with them set.
-        reexec_with_malloc_env(script, argv)
+        reexec_with_malloc_env(module, argv)
     torch.set_num_threads(args.threads)
     if args.measure != "memory":
         print(machine_line(args.device, args.threads))
     rows = run(args)
     if args.device == "cpu" and args.measure == "both":
         # Peaks in a child with the freeing allocator (see harness.memory_in_child).
-        peaks = {r["knob"]: r for r in memory_in_child(script, argv)}
+        peaks = {r["knob"]: r for r in memory_in_child(module, argv)}
         for r in rows:
             r.peak, r.sft_peak = peaks[r.knob]["peak"], peaks[r.knob]["sft_peak"]
     if args.json_out:

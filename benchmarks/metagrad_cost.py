@@ -16,9 +16,9 @@ MiB) are within allocator noise, so read memory ratios on the ``gpt2`` size.
 
 Usage::
 
-    python benchmarks/metagrad_cost.py                         # tiny 1,4,16,64 + gpt2 1,2
-    python benchmarks/metagrad_cost.py --size small --storage cpu
-    python benchmarks/metagrad_cost.py --size gpt2 --steps 1,4,16,64,96 --device cuda
+    python -m benchmarks.metagrad_cost                         # tiny 1,4,16,64 + gpt2 1,2
+    python -m benchmarks.metagrad_cost --size small --storage cpu
+    python -m benchmarks.metagrad_cost --size gpt2 --steps 1,4,16,64,96 --device cuda
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
-from harness import (
+
+from benchmarks.harness import (
     SIZES,
     Run,
     build_target,
@@ -46,7 +46,6 @@ from harness import (
     ratio,
     reexec_with_malloc_env,
 )
-
 from dpg_lightning.inner import (
     InnerConfig,
     InnerOptimConfig,
@@ -299,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     cpu_memory = args.device == "cpu" and args.measure in ("memory", "both")
     if cpu_memory and args.measure == "memory":
         # glibc must be told before the first allocation: re-execute with the settings.
-        reexec_with_malloc_env(os.path.abspath(__file__), argv)
+        reexec_with_malloc_env("benchmarks.metagrad_cost", argv)
     torch.set_num_threads(args.threads)
     print(
         f"{machine_line(args.device, args.threads)}, "
@@ -318,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
             json.dump([asdict(r) for r in rows], f)
     if cpu_memory and args.measure == "time":
         print("\nmeasuring peak memory in a child process ...", flush=True)
-        child = memory_in_child(os.path.abspath(__file__), argv)
+        child = memory_in_child("benchmarks.metagrad_cost", argv)
         peaks = {(r["size"], r["steps"]): r for r in child}
         for r in rows:
             m = peaks[r.size, r.steps]

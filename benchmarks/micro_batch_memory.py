@@ -9,8 +9,8 @@ buffers back (``harness.MALLOC_ENV``), and the time.
 
 Usage::
 
-    python benchmarks/micro_batch_memory.py                          # small shape, 1024/128
-    python benchmarks/micro_batch_memory.py --size gpt2 --chars 126 --pairs 128:128,1024:128
+    python -m benchmarks.micro_batch_memory                          # small shape, 1024/128
+    python -m benchmarks.micro_batch_memory --size gpt2 --chars 126 --pairs 128:128,1024:128
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import tempfile
 from functools import partial
 
 import torch
-from harness import (
+
+from benchmarks.harness import (
     MALLOC_ENV,
     build_target,
     machine_line,
@@ -31,7 +32,6 @@ from harness import (
     mib,
     reexec_with_malloc_env,
 )
-
 from dpg_lightning.inner import (
     InnerConfig,
     InnerOptimConfig,
@@ -43,7 +43,7 @@ from dpg_lightning.inner import (
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    reexec_with_malloc_env(__file__, argv)
+    reexec_with_malloc_env("benchmarks.micro_batch_memory", argv)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="small", help="harness.SIZES key")
     ap.add_argument("--chars", type=int, default=62, help="characters per example (+2 tokens)")

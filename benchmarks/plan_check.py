@@ -1,8 +1,5 @@
 """How close is ``python -m dpg_lightning plan`` to real peaks? Measured on the CPU.
 
-Run it as a script (``python benchmarks/plan_check.py``): it imports ``harness`` from its own
-directory.
-
 For each target shape it runs ONE ``replay`` metagradient with ``inner.micro_batch_size`` in a
 child process (glibc told to hand freed buffers back to the OS, peak = resident-set high-water
 mark minus the resident set before the call: ``harness.measure``, whose docstring says why) and
@@ -27,9 +24,9 @@ from the rest.
 
 Usage::
 
-    python benchmarks/plan_check.py                       # 256x4 micro 4, 512x6 micro 2
-    python benchmarks/plan_check.py --shapes 256x4 --micro 8
-    python benchmarks/plan_check.py --terms
+    python -m benchmarks.plan_check                       # 256x4 micro 4, 512x6 micro 2
+    python -m benchmarks.plan_check --shapes 256x4 --micro 8
+    python -m benchmarks.plan_check --terms
 """
 
 from __future__ import annotations
@@ -39,12 +36,11 @@ import collections
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
 import torch
-from harness import MALLOC_ENV, machine_line, measure
 
+from benchmarks.harness import MALLOC_ENV, machine_line, measure, module_command, module_env
 from dpg_lightning.data.tokenization import TokenRows
 from dpg_lightning.inner import (
     InnerConfig,
@@ -155,11 +151,10 @@ def check(shapes: list[str], micros: list[int], seq: int, chunks: int, offload: 
     for spec, micro in zip(shapes, micros, strict=True):
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "row.json")
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", spec,
+            cmd = [*module_command("benchmarks.plan_check"), "--child", spec,
                    "--micro", str(micro), "--seq", str(seq), "--chunks", str(chunks),
                    "--backend", backend, "--json-out", out] + (["--offload"] if offload else [])
-            subprocess.run(cmd, env={**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": "1"},
-                           check=True)
+            subprocess.run(cmd, env=module_env(**MALLOC_ENV, OMP_NUM_THREADS="1"), check=True)
             with open(out) as f:
                 row = json.load(f)
         shape = shape_of(spec)

@@ -3,9 +3,9 @@
 The paper-scale path (chat-templated prompts, chunked rollouts, micro-batched inner SFT with
 the ``replay`` backend on disk, rewards, a PPO update of an fp32-master / bf16-compute
 generator) rehearsed as one real step of ``python -m dpg_lightning fit``, phase by phase
-(``phase_meter.PhaseMeter``), with the planner's prediction for the same config printed next
-to it. Nothing is downloaded: models are built from config with random weights at the real
-shapes, and tokenizers are byte-level (the target's logits still have GPT-2's 50257 rows).
+(``benchmarks.phase_meter.PhaseMeter``), with the planner's prediction for the same config
+printed next to it. Nothing is downloaded: models are built from config with random weights at
+the real shapes, and tokenizers are byte-level (the target's logits still have GPT-2's 50257 rows).
 
 * ``--scale cpu`` (default; tens of minutes on a 2-core CPU): target GPT-2-124M-shaped
   (vocabulary 50257, 128 tokens per example), generator a Llama-architecture model shrunk to
@@ -16,8 +16,8 @@ shapes, and tokenizers are byte-level (the target's logits still have GPT-2's 50
 
 Usage::
 
-    python benchmarks/rehearsal.py                        # CPU, writes runs/rehearsal/cpu/
-    python benchmarks/rehearsal.py --scale paper --device cuda
+    python -m benchmarks.rehearsal                        # CPU, writes runs/rehearsal/cpu/
+    python -m benchmarks.rehearsal --scale paper --device cuda
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 #: A Llama-3-style chat template (the shape of Llama-3.2-Instruct's, without its date logic).
 LLAMA3_TEMPLATE = (
@@ -89,7 +88,7 @@ def write_config(scale: str, device: str, out: Path) -> Path:
             "precision": "bf16-mixed", "max_steps": updates, "limit_val_batches": 0,
             "enable_progress_bar": False, "enable_checkpointing": False, "logger": False,
             "default_root_dir": str(out),
-            "callbacks": [{"class_path": "phase_meter.PhaseMeter",
+            "callbacks": [{"class_path": "benchmarks.phase_meter.PhaseMeter",
                            "init_args": {"output": str(out / "phases.json")}}],
         },
         "model": {
@@ -130,10 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default=None, help="output directory (default runs/rehearsal/..)")
     args = ap.parse_args(argv)
     if args.device == "cpu":  # freed buffers back to the OS, so the resident set follows tensors
-        sys.path.insert(0, str(Path(__file__).parent))
-        from harness import reexec_with_malloc_env
+        from benchmarks.harness import reexec_with_malloc_env
 
-        reexec_with_malloc_env(__file__, sys.argv[1:] if argv is None else argv)
+        reexec_with_malloc_env("benchmarks.rehearsal", sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("DPG_NUM_THREADS", str(args.threads))
     out = Path(args.out or ROOT / "runs" / "rehearsal" / f"{args.scale}_{args.device}")
     out.mkdir(parents=True, exist_ok=True)
@@ -144,11 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     (out / "plan.txt").write_text(plan.stdout + plan.stderr)
     print(plan.stdout[-6000:] or plan.stderr[-3000:], flush=True)
     import torch
-    from phase_meter import _status
 
+    from benchmarks.phase_meter import _status
     from dpg_lightning.cli import main as cli_main
 
-    sys.path.insert(0, str(Path(__file__).parent))
     baseline = torch.cuda.memory_allocated() if args.device == "cuda" else _status("VmRSS")
     os.environ["PHASE_METER_BASELINE"] = str(baseline)
     start = time.perf_counter()

@@ -1,23 +1,22 @@
-"""The issue-16 measuring scripts: the QR oracle's linear model is the real inner SFT, it refuses
-settings where it is not, and the UUID probe's batch keeps the UUID out where it says it does."""
+"""The research probes (``studies/qr_oracle.py``, ``studies/uuid_reward_probe.py``): the QR
+oracle's linear model is the real inner SFT, it refuses settings where it is not, and the UUID
+probe's batch keeps the UUID out where it says it does."""
 
 from __future__ import annotations
 
 import dataclasses
 import random
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.dpg_step import build
+from dpg_lightning.metrics.patterns import LMHeadPattern
+from studies import qr_oracle, uuid_reward_probe
 
-from benchmarks import qr_oracle, uuid_reward_probe  # noqa: E402
-from benchmarks.dpg_step import build  # noqa: E402
-from dpg_lightning.metrics.patterns import LMHeadPattern  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 QR = str(ROOT / "configs/tiny/qr_long.yaml")
 

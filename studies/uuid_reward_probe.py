@@ -19,8 +19,8 @@ the inner SFT's order changes its reward. ``--pretrain-target`` first pretrains 
 random UUIDs (seeded; none shares a 4-gram with the target UUID), the setting in which the
 format is known and only the characters are not.
 
-    python benchmarks/uuid_reward_probe.py
-    python benchmarks/uuid_reward_probe.py --pretrain-target 300 --inner-lr 0.03
+    python -m studies.uuid_reward_probe
+    python -m studies.uuid_reward_probe --pretrain-target 300 --inner-lr 0.03
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -36,13 +35,11 @@ from pathlib import Path
 import torch
 import yaml
 
+from benchmarks.dpg_step import build_from
+from dpg_lightning.inner import inner_order
+from dpg_lightning.inner.attribution import metagradient_rewards
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.dpg_step import build_from  # noqa: E402
-from dpg_lightning.inner import inner_order  # noqa: E402
-from dpg_lightning.inner.attribution import metagradient_rewards  # noqa: E402
-
 HEX = "0123456789abcdef"
 
 

@@ -1,4 +1,4 @@
-"""What ``benchmarks/compare.py`` writes from ``tiny_compare.jsonl``: the table and the figures.
+"""What ``studies/compare.py`` writes from ``tiny_compare.jsonl``: the table and the figures.
 
 The table (``tiny_compare.md``): per task its latest runs (:func:`latest_runs`), each readout's
 final value as mean ± std over seeds for the untrained generator, the dataset-level reward and
@@ -250,7 +250,7 @@ def write_report(rows: list[dict], path: Path, tasks: dict[str, Readouts]) -> No
             figures.append(f"![{task}](tiny_{task}.png)")
     text = [
         "# DPG vs dataset-level reward vs untrained generator (tiny CPU tasks)", "",
-        "Written by `benchmarks/compare.py` from `tiny_compare.jsonl` (one row per run; each "
+        "Written by `python -m studies.compare` from `tiny_compare.jsonl` (one row per run; each "
         "task's rows here are its latest runs). Each run is `python -m dpg_lightning fit "
         "--config configs/tiny/<task>.yaml --model.reward=<reward>` with every seed set to the "
         "run's seed; both rewards of a seed run the same steps, prompts per step and samples per "

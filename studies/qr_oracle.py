@@ -1,6 +1,6 @@
 """What would it take to draw a QR code that scans? An oracle for the tiny QR task (issue 16).
 
-DPG trains a generator whose samples are SFT data. This benchmark removes the generator: it
+DPG trains a generator whose samples are SFT data. This study removes the generator: it
 searches for the best *distribution* over candidate examples directly, then draws SFT batches
 from it and scores them with the real inner SFT and the real QR reader. No generator can beat
 that search on the same candidates and batch size, so the numbers bound what any generator
@@ -23,10 +23,10 @@ running the real SFT on them.
 ``--flips`` measures the other side of the bar: how often the reader decodes the exact code
 after k random pixels are flipped.
 
-    python benchmarks/qr_oracle.py                                  # 2-character examples
-    python benchmarks/qr_oracle.py --length 8 --batches 256,1024    # 9025 random 8-char strings
-    python benchmarks/qr_oracle.py --noisy-batch 256 --batches 256   # tuned for sampled batches
-    python benchmarks/qr_oracle.py --flips
+    python -m studies.qr_oracle                                  # 2-character examples
+    python -m studies.qr_oracle --length 8 --batches 256,1024    # 9025 random 8-char strings
+    python -m studies.qr_oracle --noisy-batch 256 --batches 256   # tuned for sampled batches
+    python -m studies.qr_oracle --flips
 """
 
 from __future__ import annotations
@@ -35,21 +35,16 @@ import argparse
 import dataclasses
 import itertools
 import string
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.dpg_step import build  # noqa: E402
-from dpg_lightning.inner import InnerConfig  # noqa: E402
-from dpg_lightning.inner.sft import sft_on_texts  # noqa: E402
-from dpg_lightning.metrics.patterns import (  # noqa: E402
+from benchmarks.dpg_step import build
+from dpg_lightning.inner import InnerConfig
+from dpg_lightning.inner.sft import sft_on_texts
+from dpg_lightning.metrics.patterns import (
     OFFICIAL_QR_TEXT,
     LMHeadPattern,
     decode_qr,

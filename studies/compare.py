@@ -14,14 +14,14 @@ module draws its patch once more (final validation sample, plain SFT) for the fi
 
 Each run appends a JSON row to ``<results>/tiny_compare.jsonl``; ``tiny_compare.md`` is rebuilt
 from it (per task its latest runs, so a task run alone replaces only its rows) and
-``tiny_<task>.png`` is drawn for the tasks run (``benchmarks/figures.py``). A run whose ok row
+``tiny_<task>.png`` is drawn for the tasks run (``studies/figures.py``). A run whose ok row
 exists for the same commit and config is skipped unless ``--force``; a failed run is a row (the
 table counts it), never the end of the comparison.
 
-    python benchmarks/compare.py                          # all five tasks, seeds 0 1 2
-    python benchmarks/compare.py --task qr --task uuid    # reproduce these rows
-    python benchmarks/compare.py --task qr --seeds 0 --steps 2 --dry-run
-    python benchmarks/compare.py --task qr --steps 2 -- --data.num_prompts=2   # extra CLI args
+    python -m studies.compare                          # all five tasks, seeds 0 1 2
+    python -m studies.compare --task qr --task uuid    # reproduce these rows
+    python -m studies.compare --task qr --seeds 0 --steps 2 --dry-run
+    python -m studies.compare --task qr --steps 2 -- --data.num_prompts=2   # extra CLI args
 """
 
 from __future__ import annotations
@@ -45,10 +45,7 @@ from pathlib import Path
 
 import lightning as L
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks.figures import (  # noqa: E402
+from studies.figures import (
     REWARDS,
     latest_runs,
     load_rows,
@@ -56,8 +53,9 @@ from benchmarks.figures import (  # noqa: E402
     write_report,
 )
 
-RESULTS = ROOT / "benchmarks/results"
-LANGUAGE_SHARE = "benchmarks.compare.GeneratorLanguageShare"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "studies/results"
+LANGUAGE_SHARE = "studies.compare.GeneratorLanguageShare"
 
 
 @dataclass(frozen=True)
@@ -352,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     plan = [(t, w, s) for t in args.tasks for s in args.seeds for w in args.rewards]
     if not args.report_only:
         args.results.mkdir(parents=True, exist_ok=True)
-        command = shlex.join(["python", "benchmarks/compare.py", *(sys.argv[1:] if argv is None
-                                                                    else argv)])
+        command = shlex.join(["python", "-m", "studies.compare",
+                              *(sys.argv[1:] if argv is None else argv)])
         host = machine()
         for task, reward, seed in plan:
             chash = config_hash(task, args.steps, extra)
