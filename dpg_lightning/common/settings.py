@@ -27,11 +27,14 @@ from dpg_lightning.common.errors import ConfigError
 S = TypeVar("S", bound="Settings")
 
 
+@dataclasses.dataclass
 class Settings:
-    """Mixin of the config dataclasses: ``__post_init__`` runs :func:`check_settings`.
+    """Base of the config dataclasses: ``__post_init__`` runs :func:`check_settings`.
 
     A subclass overrides :meth:`check` (not ``__post_init__``) for its own rules, raising
-    :class:`ConfigError` with keys relative to itself.
+    :class:`ConfigError` with keys relative to itself. The base is a (field-less) dataclass
+    itself: jsonargparse treats a class as a plain dataclass (nested keys, no ``class_path``)
+    only when every class of its MRO is one.
     """
 
     def __post_init__(self) -> None:
@@ -92,6 +95,9 @@ def build_settings(cls: type[S], value: Any = None, at: str = "", **defaults: An
     try:
         if value is None:
             return cls(**defaults)
+        if isinstance(value, cls):  # already built (a checkpoint's hyper-parameters)
+            check_settings(value)
+            return value
         data = dict(value.as_dict() if hasattr(value, "as_dict") else value)
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):  # type: ignore[arg-type]
@@ -101,3 +107,15 @@ def build_settings(cls: type[S], value: Any = None, at: str = "", **defaults: An
         return cls(**data)
     except ConfigError as err:
         raise err.at(at) from None
+
+
+def check_init_settings(cls: type, values: Mapping[str, Any] | Any, at: str) -> None:
+    """Build each :class:`Settings`-typed argument of ``cls.__init__`` found in ``values`` (a
+    parsed config group: the init arguments by name) so that its errors name the full key,
+    ``at.<argument>.<field>``: the CLI calls it before the parser builds the classes itself,
+    whose errors would carry no place."""
+    data = values.as_dict() if hasattr(values, "as_dict") else dict(values or {})
+    for name, hint in typing.get_type_hints(cls.__init__).items():
+        sub = settings_class(hint)
+        if sub is not None and data.get(name) is not None:
+            build_settings(sub, data[name], at=f"{at}.{name}")
