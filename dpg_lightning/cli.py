@@ -24,6 +24,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from dpg_lightning.common.errors import RunError
+from dpg_lightning.common.settings import check_init_settings
 from dpg_lightning.datamodule import PromptDataModule
 from dpg_lightning.inner.shared_sft import close_process_group
 from dpg_lightning.module import DPGModule
@@ -70,9 +71,15 @@ class DPGCLI(LightningCLI):
             check_checkpoint_config(given.as_dict(), merged.as_dict())
 
     def before_instantiate_classes(self) -> None:
-        """Check what the config names on this machine before any class is built."""
+        """Check the config dataclasses, then what the config names on this machine, before
+        any class is built. The dataclasses are built here once from their config groups so
+        that an error names its full key (``model.inner.batch_size``): a dataclass only knows
+        its own fields, and the parser's own instantiation does not say where it failed."""
         sub = self.config.get("subcommand")
-        check_run(self.config[sub].as_dict() if sub else self.config.as_dict())
+        config = self.config[sub] if sub else self.config
+        check_init_settings(self.model_class, config.get("model"), "model")
+        check_init_settings(self.datamodule_class, config.get("data"), "data")
+        check_run(config.as_dict())
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Write checkpoints atomically unless the config brings its own checkpoint IO."""

@@ -116,3 +116,16 @@ def test_what_a_user_sees(tmp_path):
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr and "`model.inner.optim.lr` is -1.0" in bad.stderr
     assert elapsed < 3 * parse_time + 10, (elapsed, parse_time)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("--model.target.num_heads=3", "model.target.num_heads"),
+    ("--model.val_sampling.top_p=2", "model.val_sampling.top_p"),
+    ("--model.inner.replay.k=0", "model.inner.replay.k"),
+])
+def test_the_cli_prefixes_a_dataclass_error_with_its_place(override, key, no_models, capsys):
+    """The dataclasses say ``num_heads`` / ``top_p`` / ``replay.k``; the CLI knows where they
+    sit (the same ModelConfig serves generator and target, SamplingConfig two places)."""
+    err = _fails(capsys, override)
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert f"`{key}" in err, err

@@ -125,5 +125,5 @@ def test_micro_batches_accumulate_the_unsplit_minibatch_gradient(aggregation, mi
 
 
 def test_micro_batch_size_is_checked_when_parsed():
-    with pytest.raises(ConfigError, match="model.policy.micro_batch_size"):
+    with pytest.raises(ConfigError, match="`micro_batch_size`"):
         PolicyConfig(micro_batch_size=0)

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from dpg_lightning.common.errors import check_choice, check_int_at_least, check_positive, require
+from dpg_lightning.common.errors import check_int_at_least, check_positive, require
+from dpg_lightning.common.settings import Settings
 from dpg_lightning.dpg.advantages import Baseline, Scale
 
 
 @dataclass
-class PolicyConfig:
+class PolicyConfig(Settings):
     """Generator update settings.
 
     Attributes:
@@ -74,48 +75,46 @@ class PolicyConfig:
     advantage_normalization: Literal["scale_free", "grpo_official"] = "scale_free"
     reward_scale: float = 1.0
 
-    def __post_init__(self) -> None:
-        key = "model.policy"
-        check_choice(f"{key}.baseline", self.baseline, get_args(Baseline))
-        check_choice(f"{key}.scale_rewards", self.scale_rewards, get_args(Scale))
-        check_positive(f"{key}.beta", self.beta, allow_zero=True)
+    def check(self) -> None:
+        """Bounds and the options that need ``epsilon`` (the choices are checked from the
+        annotations); ``betas`` becomes a tuple (YAML gives a list)."""
+        check_positive("beta", self.beta, allow_zero=True)
         if self.epsilon is not None:
-            check_positive(f"{key}.epsilon", self.epsilon)
-        check_int_at_least(f"{key}.num_iterations", self.num_iterations, 1)
-        check_int_at_least(f"{key}.num_minibatches", self.num_minibatches, 1)
+            check_positive("epsilon", self.epsilon)
+        check_int_at_least("num_iterations", self.num_iterations, 1)
+        check_int_at_least("num_minibatches", self.num_minibatches, 1)
         require(
             self.num_iterations == 1 or self.epsilon is not None,
-            f"`{key}.num_iterations` is {self.num_iterations} but `{key}.epsilon` is null: "
-            "later passes over a rollout are off-policy and need the PPO clip; set "
-            f"`{key}.epsilon` (e.g. 0.2) or `{key}.num_iterations: 1`",
+            f"`num_iterations` is {self.num_iterations} but `epsilon` is null: later passes "
+            "over a rollout are off-policy and need the PPO clip; set `epsilon` (e.g. 0.2) or "
+            "`num_iterations: 1`",
+            "num_iterations", "epsilon",
         )
         if self.max_grad_norm is not None:
-            check_positive(f"{key}.max_grad_norm", self.max_grad_norm)
-        check_positive(f"{key}.lr", self.lr)
-        check_positive(f"{key}.weight_decay", self.weight_decay, allow_zero=True)
+            check_positive("max_grad_norm", self.max_grad_norm)
+        check_positive("lr", self.lr)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
         self.betas = tuple(self.betas)
         require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            f"`{key}.betas` is {list(self.betas)}; give two values in [0, 1), e.g. [0.9, 0.999]",
+            f"`betas` is {list(self.betas)}; give two values in [0, 1), e.g. [0.9, 0.999]",
+            "betas",
         )
         if self.minibatch_prompts is not None:
-            check_int_at_least(f"{key}.minibatch_prompts", self.minibatch_prompts, 1)
+            check_int_at_least("minibatch_prompts", self.minibatch_prompts, 1)
         if self.micro_batch_size is not None:
-            check_int_at_least(f"{key}.micro_batch_size", self.micro_batch_size, 1)
-        check_choice(f"{key}.loss_aggregation", self.loss_aggregation,
-                     ("sequence_sum", "token_mean"))
+            check_int_at_least("micro_batch_size", self.micro_batch_size, 1)
         require(
             self.dual_clip is None or (self.dual_clip > 1 and self.epsilon is not None),
-            f"`{key}.dual_clip` is {self.dual_clip}; it must be > 1 (e.g. 3) and needs "
-            f"`{key}.epsilon`, or null",
+            f"`dual_clip` is {self.dual_clip}; it must be > 1 (e.g. 3) and needs `epsilon`, "
+            "or null",
+            "dual_clip", "epsilon",
         )
-        check_choice(f"{key}.advantage_normalization", self.advantage_normalization,
-                     ("scale_free", "grpo_official"))
-        check_positive(f"{key}.reward_scale", self.reward_scale)
+        check_positive("reward_scale", self.reward_scale)
         require(
             0 <= self.dataset_baseline_decay < 1,
-            f"`{key}.dataset_baseline_decay` is {self.dataset_baseline_decay}; it must be in "
-            "[0, 1)",
+            f"`dataset_baseline_decay` is {self.dataset_baseline_decay}; it must be in [0, 1)",
+            "dataset_baseline_decay",
         )
 
 

@@ -23,15 +23,15 @@ from torch import Tensor, nn
 
 from dpg_lightning.common.errors import (
     ConfigError,
-    check_choice,
     check_int_at_least,
     check_positive,
     require,
 )
+from dpg_lightning.common.settings import Settings
 
 
 @dataclass
-class SamplingConfig:
+class SamplingConfig(Settings):
     """Generation settings (``samples_per_prompt`` is TRL's ``num_generations``).
 
     Attributes:
@@ -52,27 +52,27 @@ class SamplingConfig:
     system_prompt: str | None = None
     generation_batch_size: int | None = None
 
-    def __post_init__(self) -> None:
-        key = "model.sampling"
-        check_int_at_least(f"{key}.samples_per_prompt", self.samples_per_prompt, 1)
-        check_positive(f"{key}.temperature", self.temperature, allow_zero=True)
-        require(
-            0 < self.top_p <= 1, f"`{key}.top_p` is {self.top_p}; it must be in (0, 1]"
-        )
-        check_int_at_least(f"{key}.max_new_tokens", self.max_new_tokens, 1)
-        check_choice(f"{key}.chat_template", self.chat_template, ("auto", "on", "off"))
+    def check(self) -> None:
+        """Bounds and a system prompt that the chat template would use (``chat_template`` is
+        checked from its annotation)."""
+        check_int_at_least("samples_per_prompt", self.samples_per_prompt, 1)
+        check_positive("temperature", self.temperature, allow_zero=True)
+        require(0 < self.top_p <= 1, f"`top_p` is {self.top_p}; it must be in (0, 1]", "top_p")
+        check_int_at_least("max_new_tokens", self.max_new_tokens, 1)
         require(
             self.system_prompt is None or isinstance(self.system_prompt, str),
-            f"`{key}.system_prompt` is {self.system_prompt!r}; give a string or null",
+            f"`system_prompt` is {self.system_prompt!r}; give a string or null",
+            "system_prompt",
         )
         require(
             self.system_prompt is None or self.chat_template != "off",
-            f"`{key}.system_prompt` is set but `{key}.chat_template` is off, so it would be "
-            "ignored; set chat_template to auto or on, or remove system_prompt",
+            "`system_prompt` is set but `chat_template` is off, so it would be ignored; set "
+            "chat_template to auto or on, or remove system_prompt",
+            "system_prompt", "chat_template",
         )
         if self.generation_batch_size is not None:
             check_int_at_least(
-                f"{key}.generation_batch_size", self.generation_batch_size, 1,
+                "generation_batch_size", self.generation_batch_size, 1,
                 "rows per generate call; null for all in one",
             )
 

@@ -1,29 +1,28 @@
 """Settings of the inner SFT (``model.inner`` in the YAML) and of its ``replay`` backend.
 
-Both dataclasses check themselves when they are built (``__post_init__``), i.e. while the CLI
-parses the config, so a value that cannot work fails before any model is built.
+Both dataclasses check themselves when they are built (:class:`~dpg_lightning.common.settings.
+Settings`), i.e. while the CLI parses the config, so a value that cannot work fails before any
+model is built. Their errors name keys relative to themselves (``batch_size``, ``replay.k``);
+the CLI prefixes them with ``model.inner``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
-from dpg_lightning.common.errors import (
-    check_choice,
-    check_int_at_least,
-    check_regex,
-    require,
-)
+from dpg_lightning.common.errors import check_int_at_least, check_regex, require
+from dpg_lightning.common.settings import Settings
 from dpg_lightning.data.tokenization import TokenRows, tokenize_examples
 from dpg_lightning.inner.optim import InnerOptimConfig
 from dpg_lightning.inner.steps import LossRule
 
-BACKENDS = ("higher", "func", "replay")
+Backend = Literal["higher", "func", "replay"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 @dataclass
-class ReplayConfig:
+class ReplayConfig(Settings):
     """Settings of the ``replay`` backend (``inner.replay`` in the YAML).
 
     Attributes:
@@ -52,15 +51,13 @@ class ReplayConfig:
     directory: str | None = None
     offload_adjoint: bool = False
 
-    def __post_init__(self) -> None:
-        key = "model.inner.replay"
-        check_choice(f"{key}.checkpoint", self.checkpoint, ("every", "every_k", "sqrt"))
-        check_int_at_least(f"{key}.k", self.k, 1)
-        check_choice(f"{key}.storage", self.storage, ("cpu", "disk"))
+    def check(self) -> None:
+        """``k`` is a segment length (the choices are checked from the annotations)."""
+        check_int_at_least("k", self.k, 1)
 
 
 @dataclass
-class InnerConfig:
+class InnerConfig(Settings):
     """Inner SFT settings.
 
     Attributes:
@@ -108,7 +105,7 @@ class InnerConfig:
     batch_size: int = 8
     micro_batch_size: int | None = None
     train_params: str = "all"
-    backend: Literal["higher", "func", "replay"] = "higher"
+    backend: Backend = "higher"
     shuffle: bool = True
     max_length: int = 128
     replay: ReplayConfig = field(default_factory=ReplayConfig)
@@ -134,30 +131,27 @@ class InnerConfig:
             autocast=self.autocast,
         )
 
-    def __post_init__(self) -> None:
-        key = "model.inner"
-        check_int_at_least(f"{key}.batch_size", self.batch_size, 1)
+    def check(self) -> None:
+        """Bounds, the ``train_params`` regex and the backend each option needs (the choices
+        are checked from the annotations, ``optim`` and ``replay`` by themselves)."""
+        check_int_at_least("batch_size", self.batch_size, 1)
         if self.micro_batch_size is not None:
-            check_int_at_least(f"{key}.micro_batch_size", self.micro_batch_size, 1)
+            check_int_at_least("micro_batch_size", self.micro_batch_size, 1)
         check_int_at_least(
-            f"{key}.max_length", self.max_length, 3,
+            "max_length", self.max_length, 3,
             "a start token, at least one text token and the end token",
         )
         if self.train_params not in ("all", "lm_head"):
-            check_regex(f"{key}.train_params", self.train_params)
-        check_choice(f"{key}.backend", self.backend, BACKENDS)
-        check_choice(f"{key}.autocast", self.autocast, ("none", "bf16"))
-        check_choice(f"{key}.loss_normalization", self.loss_normalization,
-                     ("token_mean", "max_length"))
-        check_choice(f"{key}.micro_batch_reduction", self.micro_batch_reduction,
-                     ("mean", "sum_of_means"))
+            check_regex("train_params", self.train_params)
         require(
             not self.activation_checkpointing or self.backend == "func",
-            f"`{key}.activation_checkpointing: true` is implemented for `{key}.backend: func` "
-            f"only (got {self.backend!r}); set `{key}.backend: func` or turn it off",
+            "`activation_checkpointing: true` is implemented for `backend: func` only (got "
+            f"{self.backend!r}); set `backend: func` or turn it off",
+            "activation_checkpointing", "backend",
         )
         require(
             self.autocast == "none" or self.backend != "replay",
-            f"`{key}.autocast: {self.autocast}` is not applied by `{key}.backend: replay`; use "
-            f"`{key}.backend: higher | func` or `{key}.autocast: none`",
+            f"`autocast: {self.autocast}` is not applied by `backend: replay`; use "
+            "`backend: higher | func` or `autocast: none`",
+            "autocast", "backend",
         )

@@ -16,11 +16,12 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from dpg_lightning.common.errors import check_choice, check_positive, require
+from dpg_lightning.common.errors import check_positive, require
+from dpg_lightning.common.settings import Settings
 
 
 @dataclass
-class InnerOptimConfig:
+class InnerOptimConfig(Settings):
     """Hyper-parameters of the inner (target) optimizer.
 
     ``adam`` couples weight decay into the gradient (L2, like ``torch.optim.Adam``); ``adamw``
@@ -35,20 +36,20 @@ class InnerOptimConfig:
     weight_decay: float = 0.0
     momentum: float = 0.0
 
-    def __post_init__(self) -> None:
-        key = "model.inner.optim"
-        check_choice(f"{key}.name", self.name, ("sgd", "adam", "adamw"))
-        check_positive(f"{key}.lr", self.lr)
+    def check(self) -> None:
+        """Bounds of the hyper-parameters (``name`` is checked from its annotation); ``betas``
+        becomes a tuple (YAML gives a list)."""
+        check_positive("lr", self.lr)
         self.betas = tuple(self.betas)
         require(
             len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
-            f"`{key}.betas` is {list(self.betas)}; give two values in [0, 1), e.g. [0.9, 0.999]",
+            f"`betas` is {list(self.betas)}; give two values in [0, 1), e.g. [0.9, 0.999]",
+            "betas",
         )
         for name in ("eps", "eps_root", "weight_decay"):
-            check_positive(f"{key}.{name}", getattr(self, name), allow_zero=True)
-        require(
-            0 <= self.momentum < 1, f"`{key}.momentum` is {self.momentum}; it must be in [0, 1)"
-        )
+            check_positive(name, getattr(self, name), allow_zero=True)
+        require(0 <= self.momentum < 1, f"`momentum` is {self.momentum}; it must be in [0, 1)",
+                "momentum")
 
     def torch_class(self) -> type[torch.optim.Optimizer]:
         """The ``torch.optim`` class whose math this config reproduces."""

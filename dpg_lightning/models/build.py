@@ -27,7 +27,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from dpg_lightning.common.errors import check_choice, check_int_at_least, check_positive, require
+from dpg_lightning.common.errors import check_int_at_least, check_positive, require
+from dpg_lightning.common.settings import Settings
 
 _DROPOUT_KEYS = (
     "attn_pdrop",
@@ -43,7 +44,7 @@ _DROPOUT_KEYS = (
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Settings):
     """How to obtain one causal LM.
 
     Attributes:
@@ -86,23 +87,24 @@ class ModelConfig:
     pretrain_steps: int = 0
     pretrain_lr: float = 3e-3
 
-    def __post_init__(self) -> None:
-        key = "model.<generator|target>"  # the same dataclass serves both
-        check_choice(f"{key}.arch", self.arch, ("gpt2", "llama"))
-        check_choice(f"{key}.dtype", self.dtype, ("float32", "float64", "bfloat16"))
+    def check(self) -> None:
+        """A built model's shape and init (``arch`` and ``dtype`` are checked from their
+        annotations); one ``pretrain_files`` string becomes a list. Keys are relative: the
+        same dataclass serves ``model.generator`` and ``model.target``."""
         for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size",
                      "max_position_embeddings"):
-            check_int_at_least(f"{key}.{name}", getattr(self, name), 1)
+            check_int_at_least(name, getattr(self, name), 1)
         require(
             self.hidden_size % self.num_heads == 0,
-            f"`{key}.hidden_size` ({self.hidden_size}) must be a multiple of `num_heads` "
+            f"`hidden_size` ({self.hidden_size}) must be a multiple of `num_heads` "
             f"({self.num_heads})",
+            "hidden_size", "num_heads",
         )
-        check_positive(f"{key}.init_std", self.init_std)
-        check_int_at_least(f"{key}.pretrain_steps", self.pretrain_steps, 0)
+        check_positive("init_std", self.init_std)
+        check_int_at_least("pretrain_steps", self.pretrain_steps, 0)
         if self.vocab_size is not None:
-            check_int_at_least(f"{key}.vocab_size", self.vocab_size, 1)
-        check_positive(f"{key}.pretrain_lr", self.pretrain_lr)
+            check_int_at_least("vocab_size", self.vocab_size, 1)
+        check_positive("pretrain_lr", self.pretrain_lr)
         if self.pretrain_files is not None and isinstance(self.pretrain_files, str):
             self.pretrain_files = [self.pretrain_files]
 
