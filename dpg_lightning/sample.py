@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dpg_lightning.common.errors import ConfigError, RunError
+from dpg_lightning.common.settings import build_settings
 from dpg_lightning.config_parser import run_config_parser
 from dpg_lightning.data.prompts import load_prompts
 from dpg_lightning.dpg.rollout import SamplingConfig, sample_rollout, uses_chat_template
@@ -78,7 +79,7 @@ def load_generator(cfg: Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizer
         raise ConfigError(f"{path} holds no `generator.*` weights: is it a DPG checkpoint?")
     check_checkpoint_config(plain(cfg.model.as_dict()), plain(ckpt.get("hyper_parameters", {})))
     gen = cfg.model.generator
-    gen_cfg = ModelConfig(**gen.as_dict()) if gen is not None else ModelConfig()
+    gen_cfg = build_settings(ModelConfig, gen, at="model.generator")
     check_model_source(gen_cfg.pretrained, "model.generator.pretrained")
     tokenizer = load_tokenizer(gen_cfg)
     model = build_model(gen_cfg, len(tokenizer))
@@ -88,7 +89,7 @@ def load_generator(cfg: Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizer
 
 def _sampling(cfg: Namespace) -> SamplingConfig:
     s = cfg.model.sampling
-    return SamplingConfig(**s.as_dict()) if s is not None else SamplingConfig()
+    return build_settings(SamplingConfig, s, at="model.sampling")
 
 
 def sample_dataset(

@@ -10,12 +10,11 @@ needs to exist.
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dpg_lightning.common.settings import build_settings
 from dpg_lightning.dpg.policy import PolicyConfig
 from dpg_lightning.dpg.rollout import SamplingConfig
 from dpg_lightning.inner import InnerConfig
@@ -61,26 +60,6 @@ class ShapeSource:
     where: str
 
 
-def _dataclass_of(tp: object) -> type | None:
-    if dataclasses.is_dataclass(tp):
-        return tp  # type: ignore[return-value]
-    return next((a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)), None)
-
-
-def build_dataclass(cls: type, value: Mapping[str, Any] | None, **defaults: Any) -> Any:
-    """A config dataclass from its parsed dict, nested dataclasses included, so that its
-    ``__post_init__`` checks run as when ``fit`` builds it (``defaults`` when absent)."""
-    if value is None:
-        return cls(**defaults)
-    data = dict(value)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        sub = _dataclass_of(hints.get(f.name))
-        if sub is not None and isinstance(data.get(f.name), Mapping):
-            data[f.name] = build_dataclass(sub, data[f.name])
-    return cls(**data)
-
-
 def _int(value: object) -> int | None:
     """An integer trainer setting: the YAML's int, or the string a ``--trainer.KEY`` override
     leaves in the trainer dict; ``None`` for anything else (``devices: auto``)."""
@@ -117,17 +96,18 @@ def inputs_from_config(
     how to name each model; ``gpus`` overrides the trainer's ranks, the shapes are
     ``key=value,...`` for models whose shape is not known otherwise."""
     m, trainer = config["model"], config.get("trainer") or {}
-    gen_mc = build_dataclass(ModelConfig, m.get("generator"))
-    target_mc = build_dataclass(ModelConfig, m.get("target"), seed=1)
+    gen_mc = build_settings(ModelConfig, m.get("generator"), at="model.generator")
+    target_mc = build_settings(ModelConfig, m.get("target"), at="model.target", seed=1)
     gen, gen_where = resolve_shape(gen_mc, "model.generator", generator_shape)
     target, target_where = resolve_shape(target_mc, "model.target", target_shape)
     precision = str(trainer.get("precision", "32"))
     half = precision.startswith(("bf16", "16")) or gen_mc.dtype == "bfloat16"
     max_steps = _int(trainer.get("max_steps"))
     inputs = PlanInputs(
-        gen=gen, target=target, inner=build_dataclass(InnerConfig, m.get("inner")),
-        sampling=build_dataclass(SamplingConfig, m.get("sampling")),
-        policy=build_dataclass(PolicyConfig, m.get("policy")),
+        gen=gen, target=target,
+        inner=build_settings(InnerConfig, m.get("inner"), at="model.inner"),
+        sampling=build_settings(SamplingConfig, m.get("sampling"), at="model.sampling"),
+        policy=build_settings(PolicyConfig, m.get("policy"), at="model.policy"),
         reward=m["reward"], distributed=m["distributed"], sft_groups=m["sft_groups"],
         num_prompts=config["data"]["num_prompts"],
         gpus=trainer_ranks(trainer) if gpus is None else gpus, prompt_tokens=prompt_tokens,
