@@ -148,8 +148,9 @@ def test_what_the_paper_conventions_change(tokenizer):
     eos = tokenizer.eos_token_id
     assert own.input_ids[0].tolist()[-1] == eos and paper.input_ids[0].tolist()[-1] == eos
     assert own.input_ids.shape[1] == 5 and paper.input_ids.shape[1] == 4  # no start token
-    assert (own.labels != -100).sum() == 4  # a b c eos (the start token is never predicted)
-    assert (paper.labels != -100).sum() == 2  # b c: a has no context, eos is not a target
+    a, b, c = paper.input_ids[0, :3].tolist()
+    assert own.labels[0].tolist() == [-100, a, b, c, eos]  # the start token is never predicted
+    assert paper.labels[0].tolist() == [-100, b, c, -100]  # a has no context, eos not a target
     logits = torch.randn(2, 5, 7, dtype=torch.float64)
     labels = torch.tensor([[-100, 1, 2, 3, -100], [-100, 4, -100, -100, -100]])
     mean = per_example_loss(logits, labels)
@@ -341,6 +342,16 @@ def test_one_sft_per_inverse_group(reward, tokenizer):
 
 # ------------------------------------------------------------------ configs/paper
 
+#: The official inner optimizer and lr per run kind and task (``experiment_configs/<task>/adam|
+#: naive|sgd/``; QR has neither a naive nor an SGD run: its baseline takes 67's naive lr).
+OFFICIAL_INNER_OPTIM = {
+    "adam": {"qr": ("adamw", 5e-6), "sixty_seven": ("adamw", 5e-6), "l2_norm": ("adamw", 5e-6),
+             "uuid": ("adamw", 1e-6), "language": ("adamw", 1e-6)},
+    "naive": {"qr": ("adamw", 2.56e-4), "sixty_seven": ("adamw", 2.56e-4),
+              "l2_norm": ("adamw", 1e-6), "uuid": ("adamw", 6.4e-5), "language": ("adamw", 6.4e-5)},
+    "sgd": {"sixty_seven": ("sgd", 5.12e-4), "l2_norm": ("sgd", 1.28e-4), "uuid": ("sgd", 6.4e-5),
+            "language": ("sgd", 6.4e-5)},
+}
 PAPER_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "paper").glob("*.yaml"))
 
 
@@ -363,6 +374,8 @@ def test_paper_configs_hold_valid_official_settings(path):
     gpt2 = "gpt2" in (target.pretrained or "")
     assert inner_cfg.micro_batch_reduction == "sum_of_means"
     assert inner_cfg.loss_normalization == "max_length" and not inner_cfg.end_token_target
+    assert (inner_cfg.truncation, inner_cfg.padding) == ("official", "official_token0")
+    assert inner_cfg.max_length == 128  # the official sequence_length
     assert inner_cfg.start_token is not gpt2 and target.untie_lm_head is gpt2
     assert inner_cfg.batch_size == 1024 and inner_cfg.micro_batch_size == (128 if gpt2 else 8)
     assert generator.dtype == "float32" and cfg["trainer"]["precision"] == "bf16-mixed"
@@ -372,7 +385,23 @@ def test_paper_configs_hold_valid_official_settings(path):
     baseline = path.stem.endswith("_baseline")
     official = ("dataset", "inverse") if baseline else ("dpg", "all")
     assert (m["reward"], m["sft_groups"]) == official
+    task = path.stem.removesuffix("_baseline").removesuffix("_sgd")
+    kind = "naive" if baseline else "sgd" if path.stem.endswith("_sgd") else "adam"
+    assert (optim.name, optim.lr) == OFFICIAL_INNER_OPTIM[kind][task]
+    if optim.name == "adamw":  # DPG and the naive baseline: the same AdamW, lr apart
+        assert (optim.betas, optim.eps, optim.eps_root, optim.weight_decay) == (
+            (0.9, 0.95), 1e-8, 1e-9, 1e-4)
+    else:  # optax.sgd(learning_rate): no momentum, no weight decay
+        assert optim.momentum == 0 and optim.weight_decay == 0
     ranks = cfg["trainer"]["devices"]
     prompts = cfg["data"]["num_prompts"] * ranks
     assert policy.minibatch_prompts * ranks == 32
     assert cfg["trainer"]["max_steps"] % (prompts // 32) == 0
+
+
+def test_every_official_run_has_a_paper_config():
+    """DPG (AdamW), the naive baseline and DPG with inner SGD, for every task the paper ran
+    them on (no naive or SGD run for QR officially; the QR baseline is this project's)."""
+    tasks = ("qr", "sixty_seven", "l2_norm", "uuid", "language")
+    expected = {*tasks, *(f"{t}_baseline" for t in tasks), *(f"{t}_sgd" for t in tasks[1:])}
+    assert {p.stem for p in PAPER_CONFIGS} == expected

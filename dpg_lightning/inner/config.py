@@ -99,6 +99,15 @@ class InnerConfig(Settings):
             text token is predicted (default); the paper's GPT-2 examples have none.
         end_token_target: the closing eos is a training target (default); the paper's is not
             (its pad token is eos, and the loss mask drops it).
+        truncation: ``project`` (default) keeps ``max_length`` tokens, start and end token
+            included; ``official`` keeps ``max_length`` input tokens and their ``max_length``
+            next tokens, as the paper's code does with its ``sequence_length`` (up to
+            ``max_length`` scored transitions, where ``project`` scores at most
+            ``max_length - 2`` with the end token unscored).
+        padding: ``masked`` (default) pads rows unattended and unscored; ``official_token0``
+            does what the paper's inner SFT does: inputs and labels padded with token 0 up to
+            ``max_length``, attended, and every padding position scored as "predict token 0"
+            (its loss mask only drops eos), so it counts in the ``sum / max_length`` loss.
     """
 
     optim: InnerOptimConfig = field(default_factory=InnerOptimConfig)
@@ -115,11 +124,15 @@ class InnerConfig(Settings):
     micro_batch_reduction: Literal["mean", "sum_of_means"] = "mean"
     start_token: bool = True
     end_token_target: bool = True
+    truncation: Literal["project", "official"] = "project"
+    padding: Literal["masked", "official_token0"] = "masked"
 
     def tokenize(self, texts: list[str], tokenizer) -> TokenRows:
-        """SFT examples of ``texts`` in this config's format (length, start and end token)."""
+        """SFT examples of ``texts`` in this config's format (length, start and end token,
+        truncation, padding)."""
         return tokenize_examples(
-            texts, tokenizer, self.max_length, self.start_token, self.end_token_target
+            texts, tokenizer, self.max_length, self.start_token, self.end_token_target,
+            self.truncation, self.padding,
         )
 
     def loss_rule(self) -> LossRule:
