@@ -27,7 +27,7 @@ from dpg_lightning.data.tokenization import (
 )
 from dpg_lightning.inner import InnerConfig, inner_order, metagradient_rewards, per_example_loss
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
-from tests.conftest import OPTIMS, TEXTS, finite_difference_rewards, tiny
+from tests.helpers import OPTIMS, TEXTS, finite_difference_rewards, tiny
 
 LONG = "the quick brown fox jumps"  # longer than the small max_length below: truncated
 
