@@ -24,7 +24,6 @@ from dpg_lightning.datamodule import PromptDataModule
 from dpg_lightning.dpg.rollout import SamplingConfig
 from dpg_lightning.inner.config import InnerConfig
 from dpg_lightning.inner.set_size import SFTSet
-from dpg_lightning.module import DPGModule
 
 #: Files that make a directory a transformers model / tokenizer directory.
 _MODEL_FILES = ("config.json",)
@@ -149,19 +148,21 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
 
 def check_inner_batch(model: dict, data: dict, trainer: dict) -> None:
     """``inner.batch_size`` must fit the synthetic set of a step (all ranks' with ``shared``),
-    by the rule the run itself applies (:class:`SFTSet`); a key not given takes the default
-    of the class it configures."""
+    by the rule the run itself applies (:class:`SFTSet`). A key not given takes the default of
+    the class it configures (the parsed config has them all; ``model.distributed`` and
+    ``model.sft_groups`` fall back to ``DPGModule``'s, written here: ``run`` cannot import the
+    module that imports it)."""
     inner, sampling = model.get("inner") or {}, model.get("sampling") or {}
     batch = inner.get("batch_size", InnerConfig.batch_size)
     num_prompts = data.get("num_prompts", _default(PromptDataModule, "num_prompts"))
     per_prompt = sampling.get("samples_per_prompt", SamplingConfig.samples_per_prompt)
     ranks = 1
-    if model.get("distributed", _default(DPGModule, "distributed")) == "shared":
+    if model.get("distributed", "shared") == "shared":
         devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
         ranks = (devices if isinstance(devices, int) and devices > 0 else 1) * nodes
     if not all(isinstance(x, int) and x >= 1 for x in (batch, num_prompts, per_prompt, ranks)):
         return  # a bad value on its own: its config class names it
-    groups = model.get("sft_groups", _default(DPGModule, "sft_groups")) == "inverse"
+    groups = model.get("sft_groups", "all") == "inverse"
     SFTSet(num_prompts, per_prompt, ranks, groups).batch(batch)
 
 
