@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -374,4 +375,6 @@ def test_paper_configs_hold_valid_official_settings(path):
     ranks = cfg["trainer"]["devices"]
     prompts = cfg["data"]["num_prompts"] * ranks
     assert policy.minibatch_prompts * ranks == 32
-    assert cfg["trainer"]["max_steps"] % (prompts // 32) == 0
+    # max_steps counts DPG steps; the updates per step its comment names are the config's
+    updates = re.search(r"max_steps counts DPG steps \(each is (\d+) PPO", path.read_text())
+    assert updates and int(updates.group(1)) == prompts // 32
