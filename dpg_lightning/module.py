@@ -73,7 +73,7 @@ class DPGModule(L.LightningModule):
         sft_groups: ``all`` (one inner SFT over the step's set) or ``inverse``: the set split
             into ``samples_per_prompt`` groups, the k-th sample of every prompt, each with its
             own SFT (the paper's naive baseline with ``reward: dataset``, and its "no
-            cross-group batching" ablation with ``reward: dpg``); see ``dpg_lightning.dpg.rewards``.
+            cross-group batching" ablation with ``reward: dpg``); see ``dpg_lightning.dpg.step``.
     """
 
     def __init__(
