@@ -141,11 +141,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         for case in [*CASES, *MICRO_CASES]:
             cfg = _inner(case, 1 if case in MICRO_CASES else None)
             order = rank_order(len(local), cfg.batch_size, cfg.shuffle, SEED, "shared", info)
-            out = metagradient_rewards(target, local, phi, cfg, order)
+            attributed = metagradient_rewards(target, local, phi, cfg, order)
             results[case] = {
-                "rewards": all_gather_cat(out.rewards, info),
-                "phi": out.phi,
-                "losses": torch.stack(out.losses),
+                "rewards": all_gather_cat(attributed.rewards, info),
+                "phi": attributed.phi,
+                "losses": torch.stack(attributed.losses),
                 "num_examples": order.num_examples,
             }
         cfg = _inner("func_shuffled_sgd")
