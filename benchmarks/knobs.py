@@ -50,6 +50,7 @@ from benchmarks.harness import (
 from dpg_lightning.inner import (
     InnerConfig,
     InnerOptimConfig,
+    RankOrder,
     inner_order,
     metagradient_rewards,
     run_sft,
@@ -139,10 +140,11 @@ def run(args: argparse.Namespace) -> list[Row]:
     # Unmeasured warm-up of each path (thread pools, autocast caches, first-call allocations).
     small = inner_order(args.batch_size, args.batch_size, False, 0)
     for cfg in cfgs.values():
-        metagradient_rewards(target, data, phi, cfg, small)
+        metagradient_rewards(target, data, phi, cfg, RankOrder(small))
     methods = {"sft": lambda: run_sft(target, data, eps, phi, cfgs["all (func)"], order, False)}
+    ranked = RankOrder(order)
     for name, cfg in cfgs.items():
-        methods[name] = lambda cfg=cfg: metagradient_rewards(target, data, phi, cfg, order)
+        methods[name] = lambda cfg=cfg: metagradient_rewards(target, data, phi, cfg, ranked)
     runs: dict[str, list] = {name: [] for name in methods}
     for _ in range(1 if args.measure == "memory" else args.repeats):
         for name, fn in methods.items():

@@ -49,6 +49,7 @@ from benchmarks.harness import (
 from dpg_lightning.inner import (
     InnerConfig,
     InnerOptimConfig,
+    RankOrder,
     ReplayConfig,
     inner_order,
     metagradient_rewards,
@@ -106,7 +107,7 @@ def run_size(args: argparse.Namespace, size: str, steps: list[int]) -> list[Row]
         order = inner_order(len(data), args.batch_size, False, 0)
         for backend in ("higher", "replay"):
             warm = InnerConfig(optim=optim, batch_size=args.batch_size, backend=backend)
-            metagradient_rewards(target, data, phi, warm, order)
+            metagradient_rewards(target, data, phi, warm, RankOrder(order))
     rcfg = ReplayConfig(
         checkpoint=args.policy,
         k=args.k,
@@ -127,12 +128,11 @@ def run_size(args: argparse.Namespace, size: str, steps: list[int]) -> list[Row]
             return run_sft(target, data, eps, phi, higher_cfg, order, create_graph=False)
 
         def higher(data=data, order=order):
-            return metagradient_rewards(target, data, phi, higher_cfg, order)
+            return metagradient_rewards(target, data, phi, higher_cfg, RankOrder(order))
 
         def replay(data=data, order=order, log=replay_times):
-            times: dict[str, float] = {}
-            out = metagradient_rewards(target, data, phi, replay_cfg, order, times)
-            log.append(times)
+            out = metagradient_rewards(target, data, phi, replay_cfg, RankOrder(order))
+            log.append(out.seconds)
             return out
 
         methods = {"sft": sft, "replay": replay}

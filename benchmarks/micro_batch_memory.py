@@ -35,6 +35,7 @@ from benchmarks.harness import (
 from dpg_lightning.inner import (
     InnerConfig,
     InnerOptimConfig,
+    RankOrder,
     ReplayConfig,
     inner_order,
     metagradient_rewards,
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
             cfg = InnerConfig(optim=optim, batch_size=batch, micro_batch_size=micro,
                               backend="replay",
                               replay=ReplayConfig(storage="disk", directory=tmp))
-            run = measure(partial(metagradient_rewards, target, data, phi, cfg, order),
+            run = measure(partial(metagradient_rewards, target, data, phi, cfg, RankOrder(order)),
                           device, memory=True)
         print(f"| {batch} | {micro} | {-(-batch // micro)} | {mib(run.peak)} | {run.cpu:.1f} |",
               flush=True)

@@ -45,6 +45,7 @@ from dpg_lightning.data.tokenization import TokenRows
 from dpg_lightning.inner import (
     InnerConfig,
     InnerOptimConfig,
+    RankOrder,
     ReplayConfig,
     inner_order,
     metagradient_rewards,
@@ -109,7 +110,7 @@ def replay_call(shape: ModelShape, micro: int, seq: int, directory: str, positio
         replay=ReplayConfig(storage="disk", directory=directory, offload_adjoint=offload),
     )
     order = inner_order(len(data), cfg.batch_size, True, 0)
-    return target, lambda: metagradient_rewards(target, data, phi, cfg, order)
+    return target, lambda: metagradient_rewards(target, data, phi, cfg, RankOrder(order))
 
 
 def predicted(shape: ModelShape, micro: int, seq: int, chunks: int = 2, offload: bool = False,

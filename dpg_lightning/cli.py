@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
@@ -45,7 +44,7 @@ COMMANDS = {
 
 
 class DPGCLI(LightningCLI):
-    """LightningCLI for DPG: one run directory, atomic checkpoints, a summary at the end."""
+    """LightningCLI for DPG: one run directory, atomic checkpoints, config checks first."""
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -88,27 +87,6 @@ class DPGCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         return super().instantiate_trainer(**kwargs)
-
-    def after_fit(self) -> None:
-        """Say where the run's outputs are (only files that exist)."""
-        trainer = self.trainer
-        log_dir = trainer.log_dir  # a collective under DDP: every rank must ask
-        if not trainer.is_global_zero:
-            return
-        lines = [f"run directory:  {log_dir}"]
-        ckpt = trainer.checkpoint_callback
-        if ckpt is not None and ckpt.dirpath and Path(ckpt.dirpath).is_dir():
-            best = ckpt.best_model_path if Path(ckpt.best_model_path or "").is_file() else "-"
-            lines.append(f"checkpoints:    {ckpt.dirpath} (best: {best})")
-        for cb in trainer.callbacks:
-            path = getattr(cb, "output_path", None)
-            if path and Path(path).exists():
-                lines.append(f"{type(cb).__name__}: {path}")
-        for logger in trainer.loggers:
-            where = logger.log_dir or logger.save_dir
-            if where and Path(where).exists():
-                lines.append(f"{type(logger).__name__} metrics: {where}")
-        print("\n".join(lines), flush=True)
 
 
 T = TypeVar("T")

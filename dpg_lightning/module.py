@@ -12,26 +12,29 @@ import contextlib
 import copy
 import time
 import warnings
-from contextlib import contextmanager
 from typing import Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.core.optimizer import LightningOptimizer, do_nothing_closure
 from torch import Tensor
 
 from dpg_lightning.common.errors import check_choice, check_int_at_least, require
 from dpg_lightning.common.seeds import derive_seed
+from dpg_lightning.data.tokenization import TokenRows
 from dpg_lightning.dpg.policy import PolicyConfig, accumulate_policy_loss
-from dpg_lightning.dpg.rewards import DatasetReward, MetagradientReward
+from dpg_lightning.dpg.rewards import make_rewarder
 from dpg_lightning.dpg.rollout import (
+    Rollout,
     SamplingConfig,
     completion_logprobs,
     sample_rollout,
     uses_chat_template,
 )
+from dpg_lightning.dpg.step import StepScore, attribution_for, score_step, sft_jobs
 from dpg_lightning.dpg.step_output import StepOutput
-from dpg_lightning.inner import InnerConfig, MetricFn, inner_order, sft_on_texts, trainable_names
-from dpg_lightning.inner.shared_sft import SFTPlan, all_gather_cat, plan_sft, world_info
+from dpg_lightning.inner import InnerConfig, MetricFn, SFTSet, sft_on_texts, trainable_names
+from dpg_lightning.inner.shared_sft import WorldInfo, all_gather_cat, world_info
 from dpg_lightning.metrics.base import Metric, check_metric
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
@@ -42,6 +45,7 @@ from dpg_lightning.run.progress import PhaseReporter, phase_progress_bar
 from dpg_lightning.run.run_dir import RememberWandbRun
 from dpg_lightning.run.shutdown import GracefulShutdown
 from dpg_lightning.run.slurm import SlurmRequeue, check_slurm_launch
+from dpg_lightning.run.summary import RunSummary, record_validation
 
 
 class DPGModule(L.LightningModule):
@@ -70,7 +74,7 @@ class DPGModule(L.LightningModule):
         sft_groups: ``all`` (one inner SFT over the step's set) or ``inverse``: the set split
             into ``samples_per_prompt`` groups, the k-th sample of every prompt, each with its
             own SFT (the paper's naive baseline with ``reward: dataset``, and its "no
-            cross-group batching" ablation with ``reward: dpg``); see ``dpg_lightning.dpg.rewards``.
+            cross-group batching" ablation with ``reward: dpg``); see ``dpg_lightning.dpg.step``.
     """
 
     def __init__(
@@ -127,11 +131,8 @@ class DPGModule(L.LightningModule):
         maybe_pretrain(self.target, self.target_tokenizer, self.target_cfg)
         self.target.requires_grad_(False)
         self.reference = None
-        grouped = sft_groups == "inverse"
-        self.rewarder = (
-            MetagradientReward(grouped) if reward == "dpg"
-            else DatasetReward(self.policy.dataset_baseline_decay, grouped)
-        )
+        # (a module for ``reward: dataset``: its moving average is checkpointed)
+        self.rewarder = make_rewarder(reward, self.policy, sft_groups == "inverse")
         if self.policy.beta:
             self.reference = copy.deepcopy(self.generator).requires_grad_(False)
         self.metric.bind_tokenizer(self.target_tokenizer)
@@ -154,17 +155,19 @@ class DPGModule(L.LightningModule):
         if self._trainer:
             check_slurm_launch(self.trainer.num_nodes, self.trainer.num_devices)
         if dm is not None and hasattr(dm, "num_prompts"):
-            n = dm.num_prompts * self.sampling.samples_per_prompt
-            if self.distributed == "shared" and self._trainer:
-                n *= self.trainer.world_size
-            inner_order(n, self.inner.batch_size, False, 0)
+            shared = self.distributed == "shared" and self._trainer
+            ranks = self.trainer.world_size if shared else 1
+            self._sft_set(dm.num_prompts, ranks).batch(self.inner.batch_size)
 
     def configure_callbacks(self) -> list[L.Callback]:
         """Callbacks every DPG run needs: Slurm auto-requeue and SIGTERM/SIGINT handling, both
         checkpointing between steps (``SlurmRequeue``, ``GracefulShutdown``), the W&B run id
-        kept in the run directory for resumes (``RememberWandbRun``), and, in place of
-        Lightning's default tqdm bar, one that shows the phase of the step."""
-        callbacks: list[L.Callback] = [SlurmRequeue(), GracefulShutdown(), RememberWandbRun()]
+        kept in the run directory for resumes (``RememberWandbRun``), the end-of-run summary
+        (``RunSummary``) and, in place of Lightning's default tqdm bar, one that shows the
+        phase of the step."""
+        callbacks: list[L.Callback] = [
+            SlurmRequeue(), GracefulShutdown(), RememberWandbRun(), RunSummary(),
+        ]
         bar = phase_progress_bar(self.trainer.progress_bar_callback)
         return callbacks + ([bar] if bar is not None else [])
 
@@ -179,69 +182,77 @@ class DPGModule(L.LightningModule):
     # ---------------------------------------------------------------- training
 
     def training_step(self, batch: list[str], batch_idx: int) -> dict[str, StepOutput]:
-        times: dict[str, float] = {}
+        """One DPG step: rollout, the step's SFTs scored, advantages, policy update, logs."""
         self.phases.phase("rollout")
-        with _timed(times, "rollout"):
-            rollout = sample_rollout(self.generator, self.gen_tokenizer, batch, self.sampling)
-        data = self.inner.tokenize(rollout.texts, self.target_tokenizer)
-        data = data.to(self.device)
+        start = time.perf_counter()
+        rollout = sample_rollout(self.generator, self.gen_tokenizer, batch, self.sampling)
+        seconds = {"rollout": time.perf_counter() - start}
+        data = self.inner.tokenize(rollout.texts, self.target_tokenizer).to(self.device)
         world = world_info()
-
-        def plan_for(n_local: int, group: int | None) -> SFTPlan:
-            """The order of one SFT: the step's (seeded by the step), or an inverse group's
-            (by the step and the group), whose batches are at most the group's size."""
-            counters = (self.global_step,) if group is None else (self.global_step, group)
-            batch = self.inner.batch_size
-            if group is not None:
-                shared = self.distributed == "shared"
-                batch = min(batch, n_local * (world.world_size if shared else 1))
-            seed = derive_seed(self.seed, "inner_order", *counters)
-            return plan_sft(n_local, batch, self.inner.shuffle, seed, self.distributed, world)
-
-        self.phases.phase("inner SFT")  # the backends count its steps as each one ends
-        with self._target_precision():
-            scored = self.rewarder.score(
-                self.target, data, self.metric, self.inner, plan_for,
-                self.sampling.samples_per_prompt, times, self.phases.phase,
-            )
-        rewards, phi, losses = scored.rewards, scored.phi, scored.losses
+        score = self._score(data, world)
+        rewards = score.rewards
         # Rewards of all ranks' examples (one SFT over them all when shared): the baselines and
         # the finiteness check must agree across ranks, or DDP's gradient sync would hang.
         all_rewards = all_gather_cat(rewards, world)
         # 0 when the ranks shared one SFT (all end with the same target), > 0 when independent.
-        phis = all_gather_cat(phi.reshape(1).to(rewards.dtype), world)
-        self.log_dict(
-            {
-                "train/phi_after_sft": phi.float(),
-                "train/inner_loss_first": losses[0].float(),
-                "train/inner_loss_last": losses[-1].float(),
-                "train/sft_examples": float(scored.num_examples),
-                "train/phi_rank_spread": (phis.max() - phis.min()).float(),
-            },
-            batch_size=len(batch),
-        )
-        problems = StepNumbers(all_rewards, phis, [torch.stack(losses)]).problems()
-        self.divergence.record(self.global_step, problems)
-        if problems:
-            # Skip the update (logged) rather than poison the generator; the guard ends the
-            # run if this goes on.
-            self.log("train/skipped_nonfinite", 1.0, batch_size=len(batch))
-            warnings.warn(
-                f"step {self.global_step}: non-finite {'; '.join(problems)}: policy update "
-                "skipped", stacklevel=2,
-            )
-            # An optimizer step with no gradients changes nothing but still counts the step,
-            # so `trainer.max_steps` is reached and checkpoints stay on schedule.
-            opt = self.optimizers()
-            opt.zero_grad(set_to_none=True)
-            opt.step()
+        phis = all_gather_cat(score.phi.reshape(1).to(rewards.dtype), world)
+        self.log_dict(_sft_metrics(score, phis), batch_size=len(batch))
+        if self._skip_if_nonfinite(all_rewards, phis, score.losses, len(batch)):
             return StepOutput(rollout.texts, rollout.prompts, rewards.cpu()).as_lightning_output()
         advantages = self.rewarder.advantages(
             rewards, all_rewards, world, self.distributed == "shared",
             self.sampling.samples_per_prompt, self.policy,
         )
-        with _timed(times, "policy_update"):
-            stats = self._update_policy(rollout, advantages.to(self.device))
+        start = time.perf_counter()
+        stats = self._update_policy(rollout, advantages.to(self.device))
+        seconds = {**seconds, **score.seconds, "policy_update": time.perf_counter() - start}
+        self._log_step(rollout, rewards, score.phi, stats, seconds, len(batch))
+        step = StepOutput(rollout.texts, rollout.prompts, rewards.cpu(), advantages.cpu())
+        return step.as_lightning_output()
+
+    def _sft_set(self, num_prompts: int, ranks: int) -> SFTSet:
+        """A step's synthetic set on ``ranks`` ranks (one SFT's; see :class:`SFTSet`)."""
+        return SFTSet(num_prompts, self.sampling.samples_per_prompt, ranks,
+                      self.sft_groups == "inverse")
+
+    def _score(self, data: TokenRows, world: WorldInfo) -> StepScore:
+        """The step's SFTs on this rank (ordered by the step), attributed and scored."""
+        shared = self.distributed == "shared"
+        sft_set = self._sft_set(len(data) // self.sampling.samples_per_prompt,
+                                world.world_size if shared else 1)
+        jobs = sft_jobs(sft_set, self.inner, self.seed, self.global_step, self.distributed, world)
+        self.phases.phase("inner SFT")  # the backends count its steps as each one ends
+        with self._target_precision():
+            return score_step(attribution_for(self.reward), self.target, data, self.metric,
+                              self.inner, jobs, self.phases.phase)
+
+    def _skip_if_nonfinite(
+        self, all_rewards: Tensor, phis: Tensor, losses: list[Tensor], batch_size: int
+    ) -> bool:
+        """Skip the update of a step with non-finite numbers (logged) rather than poison the
+        generator; the divergence guard ends the run if this goes on."""
+        problems = StepNumbers(all_rewards, phis, [torch.stack(losses)]).problems()
+        self.divergence.record(self.global_step, problems)
+        if not problems:
+            return False
+        self.log("train/skipped_nonfinite", 1.0, batch_size=batch_size)
+        warnings.warn(
+            f"step {self.global_step}: non-finite {'; '.join(problems)}: policy update skipped",
+            stacklevel=3,
+        )
+        # An optimizer step with no gradients changes nothing but still counts the step, like
+        # an update does (one per DPG step), so `trainer.max_steps` and checkpoints stay on
+        # schedule.
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        opt.step()
+        return True
+
+    def _log_step(
+        self, rollout: Rollout, rewards: Tensor, phi: Tensor, stats: dict[str, Tensor],
+        seconds: dict[str, float], batch_size: int,
+    ) -> None:
+        """The metrics of an updated step, and the progress bar's reward and Phi."""
         n_tok = rollout.completion_mask.sum().float()
         self.log_dict(
             {
@@ -249,16 +260,13 @@ class DPGModule(L.LightningModule):
                 "train/reward_std": rewards.std().float() if len(rewards) > 1 else 0.0,
                 "train/completion_tokens": n_tok / len(rollout.texts),
                 **{f"train/{k}": v for k, v in stats.items()},
-                **{f"time/{k}": v for k, v in times.items()},
+                **{f"time/{k}": v for k, v in seconds.items()},
             },
-            batch_size=len(batch),
+            batch_size=batch_size,
         )
-        self.log(
-            "reward", rewards.mean().float(), prog_bar=True, logger=False, batch_size=len(batch)
-        )
-        self.log("phi", phi.float(), prog_bar=True, logger=False, batch_size=len(batch))
-        step = StepOutput(rollout.texts, rollout.prompts, rewards.cpu(), advantages.cpu())
-        return step.as_lightning_output()
+        self.log("reward", rewards.mean().float(), prog_bar=True, logger=False,
+                 batch_size=batch_size)
+        self.log("phi", phi.float(), prog_bar=True, logger=False, batch_size=batch_size)
 
     def _update_policy(self, rollout, advantages: Tensor) -> dict[str, Tensor]:
         p, temp = self.policy, self.sampling.temperature
@@ -293,12 +301,28 @@ class DPGModule(L.LightningModule):
                     self.clip_gradients(
                         opt, gradient_clip_val=p.max_grad_norm, gradient_clip_algorithm="norm"
                     )
-                opt.step()
-                self.phases.phase("policy update", opt_steps := opt_steps + 1, total_steps)
+                opt_steps += 1
+                self._optimizer_step(opt, last=opt_steps == total_steps)
+                self.phases.phase("policy update", opt_steps, total_steps)
                 stats["policy_loss"].append(loss.detach())
                 for k, v in s.items():
                     stats[k].append(v)
         return {k: torch.stack(v).mean() for k, v in stats.items()}
+
+    def _optimizer_step(self, opt: LightningOptimizer, last: bool) -> None:
+        """One PPO update, counted as a global step only if it is the step's ``last``.
+
+        Lightning counts every ``LightningOptimizer.step()`` as a global step; counting only
+        one per DPG step makes ``global_step`` (hence ``trainer.max_steps``, checkpoint and
+        logging steps, the step seeds) count DPG steps, whatever ``num_iterations x
+        num_minibatches`` is, and the same for a skipped step. The other updates run what
+        ``LightningOptimizer.step()`` runs (the strategy's step, through the precision
+        plugin), less the count.
+        """
+        if last:
+            opt.step()
+        else:
+            self.trainer.strategy.optimizer_step(opt.optimizer, closure=do_nothing_closure)
 
     def _minibatch_count(self, n_rows: int) -> int:
         """Optimizer steps per pass over this rank's ``n_rows`` samples."""
@@ -424,6 +448,7 @@ class DPGModule(L.LightningModule):
             check_validation_phi(metrics["val/phi"], 0, self._lower_hints())
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=0)
+            record_validation(self.trainer, 0, metrics)
 
 
 def _warn_about_settings(
@@ -447,8 +472,12 @@ def _warn_about_settings(
         )
 
 
-@contextmanager
-def _timed(times: dict[str, float], key: str):
-    start = time.perf_counter()
-    yield
-    times[key] = times.get(key, 0.0) + time.perf_counter() - start
+def _sft_metrics(score: StepScore, phis: Tensor) -> dict[str, Tensor | float]:
+    """What every step logs about its SFTs, updated or skipped."""
+    return {
+        "train/phi_after_sft": score.phi.float(),
+        "train/inner_loss_first": score.losses[0].float(),
+        "train/inner_loss_last": score.losses[-1].float(),
+        "train/sft_examples": float(score.num_examples),
+        "train/phi_rank_spread": (phis.max() - phis.min()).float(),
+    }

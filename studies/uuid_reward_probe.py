@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from benchmarks.dpg_step import build_from
-from dpg_lightning.inner import inner_order
+from dpg_lightning.inner import RankOrder, inner_order
 from dpg_lightning.inner.attribution import metagradient_rewards
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,8 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     phis = []
     for k in range(args.orders):
         order = inner_order(len(rows), model.inner.batch_size, True, args.seed + k)
-        rewards, phi, _ = metagradient_rewards(model.target, rows, model.metric, model.inner,
-                                               order)
+        scored = metagradient_rewards(model.target, rows, model.metric, model.inner,
+                                      RankOrder(order))
+        rewards, phi = scored.rewards, scored.phi
         phis.append(float(phi))
         for kind, r in zip(kinds, rewards.tolist(), strict=True):
             per_kind.setdefault(kind, []).append(r)

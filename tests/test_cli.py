@@ -51,14 +51,15 @@ def test_unknown_key_is_named(capsys):
 
 
 def test_nonfinite_rewards_skip_the_update_and_training_goes_on(tmp_path, monkeypatch):
-    import dpg_lightning.dpg.rewards as rewards
+    import dpg_lightning.dpg.step as dpg_step
     import dpg_lightning.module as module
+    from dpg_lightning.inner import Attribution
 
-    def nan_rewards(target, data, phi, cfg, order, **kwargs):
+    def nan_rewards(target, data, phi, cfg, order, progress=None):
         n = len(data)
-        return torch.full((n,), float("nan")), torch.tensor(0.0), [torch.tensor(0.0)]
+        return Attribution(torch.full((n,), float("nan")), torch.tensor(0.0), [torch.tensor(0.0)])
 
-    monkeypatch.setattr(rewards, "metagradient_rewards", nan_rewards)
+    monkeypatch.setattr(dpg_step, "metagradient_rewards", nan_rewards)
     cli = main(["fit", "--config", CONFIG, *_fast(tmp_path)])
     initial = module.DPGModule(
         generator=cli.model.gen_cfg, target=cli.model.target_cfg, inner=cli.model.inner

@@ -33,7 +33,7 @@ from dpg_lightning.inner.optim import InnerOptimConfig
 from dpg_lightning.inner.shared_sft import (
     WorldInfo,
     all_gather_cat,
-    plan_sft,
+    rank_order,
     shard_order,
     world_info,
 )
@@ -140,25 +140,21 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         results = {}
         for case in [*CASES, *MICRO_CASES]:
             cfg = _inner(case, 1 if case in MICRO_CASES else None)
-            plan = plan_sft(len(local), cfg.batch_size, cfg.shuffle, SEED, "shared", info)
-            rewards, value, losses = metagradient_rewards(
-                target, local, phi, cfg, plan.order, grad_reduce=plan.grad_reduce
-            )
+            order = rank_order(len(local), cfg.batch_size, cfg.shuffle, SEED, "shared", info)
+            attributed = metagradient_rewards(target, local, phi, cfg, order)
             results[case] = {
-                "rewards": all_gather_cat(rewards, info),
-                "phi": value,
-                "losses": torch.stack(losses),
-                "num_examples": plan.num_examples,
+                "rewards": all_gather_cat(attributed.rewards, info),
+                "phi": attributed.phi,
+                "losses": torch.stack(attributed.losses),
+                "num_examples": order.num_examples,
             }
         cfg = _inner("func_shuffled_sgd")
-        plan = plan_sft(len(local), cfg.batch_size, cfg.shuffle, SEED, "shared", info)
-        results["dataset_phi"] = dataset_reward(
-            target, local, phi, cfg, plan.order, plan.grad_reduce
-        )[1]
+        order = rank_order(len(local), cfg.batch_size, cfg.shuffle, SEED, "shared", info)
+        results["dataset_phi"] = dataset_reward(target, local, phi, cfg, order).phi
         # negative control: independent SFTs on half the data give other rewards
-        plan = plan_sft(len(local), cfg.batch_size, cfg.shuffle, SEED, "independent", info)
+        order = rank_order(len(local), cfg.batch_size, cfg.shuffle, SEED, "independent", info)
         results["independent"] = all_gather_cat(
-            metagradient_rewards(target, local, phi, cfg, plan.order, grad_reduce=None)[0], info
+            metagradient_rewards(target, local, phi, cfg, order).rewards, info
         )
         results["policy_grads"] = _policy_grads(rank, world)
         torch.save(results, Path(out) / f"rank{rank}.pt")
@@ -185,8 +181,10 @@ def test_shared_sft_rewards_match_single_process(two_rank_results, case):
     target, data, phi = _setup()
     cfg = _inner(case)
     single = WorldInfo()
-    plan = plan_sft(N, cfg.batch_size, cfg.shuffle, SEED, "shared", single)
-    rewards, value, losses = metagradient_rewards(target, data, phi, cfg, plan.order)
+    out = metagradient_rewards(
+        target, data, phi, cfg, rank_order(N, cfg.batch_size, cfg.shuffle, SEED, "shared", single)
+    )
+    rewards, value, losses = out.rewards, out.phi, out.losses
     assert rewards.abs().max() > 0
     for rank in range(2):
         got = two_rank_results[rank][case]
@@ -202,8 +200,9 @@ def test_shared_sft_rewards_match_single_process(two_rank_results, case):
 def test_micro_batched_shared_sft_equals_the_unsplit_one(two_rank_results, case):
     target, data, phi = _setup()
     cfg = _inner(case)  # unsplit, one process
-    plan = plan_sft(N, cfg.batch_size, cfg.shuffle, SEED, "shared", WorldInfo())
-    rewards, value, losses = metagradient_rewards(target, data, phi, cfg, plan.order)
+    order = rank_order(N, cfg.batch_size, cfg.shuffle, SEED, "shared", WorldInfo())
+    out = metagradient_rewards(target, data, phi, cfg, order)
+    rewards, value, losses = out.rewards, out.phi, out.losses
     for rank in range(2):
         got = two_rank_results[rank][case]
         scale = float(rewards.abs().max())
@@ -216,8 +215,8 @@ def test_micro_batched_shared_sft_equals_the_unsplit_one(two_rank_results, case)
 def test_shared_plain_sft_matches_single_process(two_rank_results):
     target, data, phi = _setup()
     cfg = _inner("func_shuffled_sgd")
-    plan = plan_sft(N, cfg.batch_size, cfg.shuffle, SEED, "shared", WorldInfo())
-    value = dataset_reward(target, data, phi, cfg, plan.order)[1]
+    order = rank_order(N, cfg.batch_size, cfg.shuffle, SEED, "shared", WorldInfo())
+    value = dataset_reward(target, data, phi, cfg, order).phi
     for rank in range(2):
         torch.testing.assert_close(two_rank_results[rank]["dataset_phi"], value, rtol=1e-9, atol=0)
 
@@ -249,11 +248,11 @@ def test_shard_order_keeps_global_batch_sizes():
 
 
 def test_independent_mode_is_local():
-    plan = plan_sft(8, 3, True, 0, "independent", WorldInfo(1, 4))
-    assert plan.grad_reduce is None and plan.num_examples == 8
-    assert sorted(torch.cat(plan.order).tolist()) == list(range(8))
+    order = rank_order(8, 3, True, 0, "independent", WorldInfo(1, 4))
+    assert order.grad_reduce is None and order.num_examples == 8
+    assert sorted(torch.cat(order.batches).tolist()) == list(range(8))
     with pytest.raises(ValueError, match="model.distributed.*shared | independent"):
-        plan_sft(8, 3, True, 0, "both", WorldInfo())  # type: ignore[arg-type]
+        rank_order(8, 3, True, 0, "both", WorldInfo())  # type: ignore[arg-type]
 
 
 def test_slurm_launch_checks(monkeypatch):

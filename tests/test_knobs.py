@@ -18,6 +18,7 @@ import torch
 from dpg_lightning.data.tokenization import TokenRows, tokenize_examples
 from dpg_lightning.inner import (
     InnerConfig,
+    RankOrder,
     inner_order,
     metagradient_rewards,
     per_example_loss,
@@ -56,10 +57,10 @@ def test_autocast_none_is_bit_identical_to_before(backend, tokenizer, monkeypatc
     data = tokenize_examples(TEXTS, tokenizer, 32)
     order = inner_order(len(data), 2, True, 0)
     cfg = InnerConfig(optim=OPTIMS["adam"], batch_size=2, backend=backend, autocast="none")
-    new, phi_new, _ = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+    new = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, RankOrder(order))
     monkeypatch.setattr(unrolled, "step_loss", _pre_knob_batch_loss)
-    old, phi_old, _ = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
-    assert torch.equal(new, old) and torch.equal(phi_new, phi_old)
+    old = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, RankOrder(order))
+    assert torch.equal(new.rewards, old.rewards) and torch.equal(new.phi, old.phi)
 
 
 @pytest.mark.parametrize("backend", ["higher", "func"])
@@ -73,7 +74,8 @@ def test_bf16_rewards_correlate_with_fp32(backend, tokenizer):
         cfg = InnerConfig(
             optim=OPTIMS["sgd"], batch_size=8, backend=backend, autocast=autocast
         )
-        rewards[autocast], phi, _ = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+        out = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, RankOrder(order))
+        rewards[autocast], phi = out.rewards, out.phi
         assert phi.dtype == torch.float32 and rewards[autocast].dtype == torch.float32
     pearson = torch.corrcoef(torch.stack([rewards["none"], rewards["bf16"]]))[0, 1]
     assert pearson > 0.9, f"bf16/fp32 reward correlation {pearson:.3f}"
@@ -92,7 +94,8 @@ def test_activation_checkpointing_is_exact(arch, optim, tokenizer, float64_llama
         cfg = InnerConfig(
             optim=OPTIMS[optim], batch_size=2, backend="func", activation_checkpointing=ckpt
         )
-        out[ckpt] = metagradient_rewards(target, data, phi, cfg, order)
+        attributed = metagradient_rewards(target, data, phi, cfg, RankOrder(order))
+        out[ckpt] = attributed.rewards, attributed.phi
     assert out[True][0].dtype == torch.float64
     assert out[False][0].abs().max() > 0
     assert relative_error(out[True][0], out[False][0]) < 1e-10

@@ -16,6 +16,7 @@ import torch
 from dpg_lightning.data.tokenization import tokenize_examples
 from dpg_lightning.inner import (
     InnerConfig,
+    RankOrder,
     inner_order,
     metagradient_rewards,
 )
@@ -37,8 +38,9 @@ def test_rewards_match_finite_differences_on_both_backends(arch, optim, tokenize
     rewards = {}
     for backend in ("higher", "func"):
         cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend=backend)
-        rewards[backend], _, losses = metagradient_rewards(target, data, phi, cfg, order)
-        assert len(losses) == 3
+        out = metagradient_rewards(target, data, phi, cfg, RankOrder(order))
+        rewards[backend] = out.rewards
+        assert len(out.losses) == 3
     fd = finite_difference_rewards(target, data, phi, cfg, order)
     for backend, r in rewards.items():
         rel = ((r - fd).abs() / fd.abs()).max().item()
@@ -51,7 +53,7 @@ def test_lm_head_only_training_on_untied_llama(tokenizer, float64_llama):
     data = tokenize_examples(TEXTS, tokenizer, 32)
     order = inner_order(len(data), 3, True, 1)
     cfg = InnerConfig(optim=OPTIMS["adamw"], batch_size=3, train_params="lm_head", backend="higher")
-    r, _, _ = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+    r = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, RankOrder(order)).rewards
     fd = finite_difference_rewards(target, data, LMHeadL2Norm(), cfg, order)
     assert ((r - fd).abs() / fd.abs()).max() < 1e-4
 
@@ -61,7 +63,8 @@ def test_target_weights_are_never_modified(tokenizer):
     before = {k: v.clone() for k, v in target.state_dict().items()}
     data = tokenize_examples(TEXTS, tokenizer, 32)
     cfg = InnerConfig(optim=OPTIMS["adam"], batch_size=2)
-    metagradient_rewards(target, data, LMHeadL2Norm(), cfg, inner_order(len(data), 2, True, 0))
+    metagradient_rewards(target, data, LMHeadL2Norm(), cfg,
+                         RankOrder(inner_order(len(data), 2, True, 0)))
     for k, v in target.state_dict().items():
         assert torch.equal(v, before[k]), k
 

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from dpg_lightning.data.tokenization import tokenize_examples
-from dpg_lightning.inner import InnerConfig, ReplayConfig, inner_order, metagradient_rewards
+from dpg_lightning.inner import (
+    InnerConfig,
+    RankOrder,
+    ReplayConfig,
+    inner_order,
+    metagradient_rewards,
+)
 from dpg_lightning.inner.steps import micro_batches
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from tests.helpers import OPTIMS, relative_error, tiny
@@ -46,7 +52,8 @@ def test_micro_batched_sft_equals_the_unsplit_one(arch, backend, replay, optim, 
     def run(micro: int | None):
         cfg = InnerConfig(optim=OPTIMS[optim], batch_size=5, micro_batch_size=micro,
                           backend=backend, replay=replay)
-        return metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+        out = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, RankOrder(order))
+        return out.rewards, out.phi, out.losses
 
     whole, phi, losses = run(None)
     split, phi_split, losses_split = run(2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,20 +28,22 @@ from dpg_lightning.data.tokenization import TokenRows, start_token_id, tokenize_
 from dpg_lightning.datamodule import PromptDataModule
 from dpg_lightning.dpg.advantages import compute_advantages, grpo_official_advantages
 from dpg_lightning.dpg.policy import PolicyConfig, policy_loss
-from dpg_lightning.dpg.rewards import DatasetReward, MetagradientReward, inverse_groups
+from dpg_lightning.dpg.rewards import DatasetReward
 from dpg_lightning.dpg.rollout import SamplingConfig, sample_rollout
+from dpg_lightning.dpg.step import attribution_for, inverse_groups, score_step, sft_jobs
 from dpg_lightning.inner import (
     InnerConfig,
     InnerOptimConfig,
+    RankOrder,
     ReplayConfig,
-    dataset_reward,
+    SFTSet,
     inner_order,
     metagradient_rewards,
     per_example_loss,
     run_sft,
     trainable_names,
 )
-from dpg_lightning.inner.shared_sft import WorldInfo, plan_sft
+from dpg_lightning.inner.shared_sft import WorldInfo
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from dpg_lightning.metrics.likelihood import LastWordLikelihood, SequenceLikelihood
 from dpg_lightning.metrics.patterns import (
@@ -134,7 +137,7 @@ def test_paper_loss_conventions_match_finite_differences(backend, optim, tokeniz
     data = cfg.tokenize(TEXTS, tokenizer)
     order = inner_order(len(data), 3, True, 1)  # 2 steps of 3: micro-batches 2 + 1
     phi = LMHeadL2Norm()
-    rewards, _, _ = metagradient_rewards(target, data, phi, cfg, order)
+    rewards = metagradient_rewards(target, data, phi, cfg, RankOrder(order)).rewards
     fd = finite_difference_rewards(target, data, phi, cfg, order)
     scored = fd != 0  # "a" has no target token under these conventions: exactly no effect
     assert scored.sum() == len(TEXTS) - 1 and rewards[~scored].abs().max() == 0
@@ -322,21 +325,18 @@ def test_one_sft_per_inverse_group(reward, tokenizer):
     data = cfg.tokenize(texts, tokenizer)
     phi = LMHeadL2Norm()
 
-    def plan_for(n: int, group: int | None):
-        return plan_sft(n, 2, True, 7 if group is None else group, "shared", WorldInfo())
-
-    rewarder = (DatasetReward(0.9, grouped=True) if reward == "dataset"
-                else MetagradientReward(grouped=True))
-    scored = rewarder.score(target, data, phi, cfg, plan_for, 2, {})
-    attribute = dataset_reward if reward == "dataset" else metagradient_rewards
-    for k, rows in enumerate(inverse_groups(8, 2)):
+    jobs = sft_jobs(SFTSet(4, 2, inverse_groups=True), cfg, 7, 0, "shared", WorldInfo())
+    attribute = attribution_for(reward)
+    scored = score_step(attribute, target, data, phi, cfg, jobs)
+    for job, rows in zip(jobs, inverse_groups(8, 2), strict=True):
         sub = TokenRows(data.input_ids[rows], data.attention_mask[rows], data.labels[rows])
-        alone = attribute(target, sub, phi, cfg, plan_for(4, k).order)[0]
+        alone = attribute(target, sub, phi, cfg, job.order).rewards
         torch.testing.assert_close(scored.rewards[rows], alone, rtol=0, atol=0)
     if reward == "dataset":
         assert len(set(scored.rewards.tolist())) == 2  # one Phi per group
-        adv = rewarder.advantages(scored.rewards, scored.rewards, WorldInfo(), True, 2,
-                                  PolicyConfig(baseline="batch_mean", scale_rewards="batch"))
+        adv = DatasetReward(0.9, grouped=True).advantages(
+            scored.rewards, scored.rewards, WorldInfo(), True, 2,
+            PolicyConfig(baseline="batch_mean", scale_rewards="batch"))
         assert adv.abs().sum() > 0  # compared within the step, not with earlier steps
 
 
@@ -396,7 +396,9 @@ def test_paper_configs_hold_valid_official_settings(path):
     ranks = cfg["trainer"]["devices"]
     prompts = cfg["data"]["num_prompts"] * ranks
     assert policy.minibatch_prompts * ranks == 32
-    assert cfg["trainer"]["max_steps"] % (prompts // 32) == 0
+    # max_steps counts DPG steps; the updates per step its comment names are the config's
+    updates = re.search(r"max_steps counts DPG steps \(each is (\d+) PPO", path.read_text())
+    assert updates and int(updates.group(1)) == prompts // 32
 
 
 def test_every_official_run_has_a_paper_config():

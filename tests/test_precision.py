@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-import dpg_lightning.dpg.rewards as rewards
+import dpg_lightning.dpg.step as dpg_step
 from dpg_lightning.datamodule import PromptDataModule
 from dpg_lightning.dpg.policy import PolicyConfig
 from dpg_lightning.dpg.rollout import SamplingConfig
@@ -27,15 +27,15 @@ def _one_step(tmp_path, generator_dtype: str, precision: str, monkeypatch) -> tu
     """Share of the generator weights with a gradient that one AdamW step at lr 1e-6 changes,
     and what the step saw."""
     seen: dict[str, object] = {}
-    original = rewards.metagradient_rewards
+    original = dpg_step.metagradient_rewards
 
     def spy(target, data, *args, **kwargs):
         seen["inner_autocast"] = torch.is_autocast_enabled("cpu")
         out = original(target, data, *args, **kwargs)
-        seen["reward_dtype"] = out[0].dtype
+        seen["reward_dtype"] = out.rewards.dtype
         return out
 
-    monkeypatch.setattr(rewards, "metagradient_rewards", spy)
+    monkeypatch.setattr(dpg_step, "metagradient_rewards", spy)
     module = DPGModule(
         generator=ModelConfig(**TINY, dtype=generator_dtype, init_std=0.02),
         target=ModelConfig(**TINY, seed=1, init_std=0.2),

@@ -19,6 +19,7 @@ import torch
 from dpg_lightning.data.tokenization import tokenize_examples
 from dpg_lightning.inner import (
     InnerConfig,
+    RankOrder,
     ReplayConfig,
     inner_order,
     metagradient_rewards,
@@ -60,7 +61,8 @@ def test_replay_matches_higher(arch, optim, tokenizer, float64_llama, tmp_path):
     order = inner_order(len(data), 2, True, 0)  # 4 inner steps
     phi = LMHeadL2Norm()
     ref_cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="higher")
-    ref, ref_value, ref_losses = metagradient_rewards(target, data, phi, ref_cfg, order)
+    ref_out = metagradient_rewards(target, data, phi, ref_cfg, RankOrder(order))
+    ref, ref_value, ref_losses = ref_out.rewards, ref_out.phi, ref_out.losses
     assert ref.abs().min() > 0  # every example matters, so the comparison is not vacuous
     for policy, storage, offload in POLICIES:
         rcfg = ReplayConfig(
@@ -68,13 +70,13 @@ def test_replay_matches_higher(arch, optim, tokenizer, float64_llama, tmp_path):
             offload_adjoint=offload,
         )
         cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="replay", replay=rcfg)
-        times: dict[str, float] = {}
-        rewards, value, losses = metagradient_rewards(target, data, phi, cfg, order, times)
+        out = metagradient_rewards(target, data, phi, cfg, RankOrder(order))
+        rewards, value, losses = out.rewards, out.phi, out.losses
         rel = relative_error(rewards, ref)
         assert rel < 1e-6, f"{policy}/{storage}/offload={offload}: relative error {rel:.2e}"
         assert abs((value - ref_value) / ref_value) < 1e-12
         torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-12, atol=0)
-        assert set(times) == {"inner_sft", "attribution"}
+        assert set(out.seconds) == {"inner_sft", "attribution"}
         assert os.listdir(tmp_path) == []  # checkpoint files are cleaned up
 
 
@@ -85,7 +87,7 @@ def test_replay_matches_finite_differences(tokenizer, float64_llama, tmp_path):
     phi = LMHeadL2Norm()
     rcfg = ReplayConfig(checkpoint="sqrt", storage="disk", directory=str(tmp_path))
     cfg = InnerConfig(optim=OPTIMS["adam"], batch_size=1, backend="replay", replay=rcfg)
-    rewards, _, _ = metagradient_rewards(target, data, phi, cfg, order)
+    rewards = metagradient_rewards(target, data, phi, cfg, RankOrder(order)).rewards
     fd = finite_difference_rewards(target, data, phi, cfg, order)
     assert ((rewards - fd).abs() / fd.abs()).max() < 1e-4
 
@@ -95,11 +97,12 @@ def test_lm_head_only_replay(tokenizer, float64_llama):
     data = tokenize_examples(TEXTS, tokenizer, 32)
     order = inner_order(len(data), 3, True, 1)
     common = dict(optim=OPTIMS["adamw"], batch_size=3, train_params="lm_head")
-    ref, _, _ = metagradient_rewards(target, data, LMHeadL2Norm(), InnerConfig(**common), order)
+    ref = metagradient_rewards(target, data, LMHeadL2Norm(), InnerConfig(**common),
+                               RankOrder(order)).rewards
     # k > steps: a single checkpoint, the whole SFT recomputed as one segment.
     rcfg = ReplayConfig(checkpoint="every_k", k=10)
     cfg = InnerConfig(**common, backend="replay", replay=rcfg)
-    rewards, _, _ = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+    rewards = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, RankOrder(order)).rewards
     assert relative_error(rewards, ref) < 1e-6
 
 
@@ -126,7 +129,7 @@ def test_unwritable_directory_fails_before_the_run(tokenizer, tmp_path, monkeypa
 
     monkeypatch.setattr(replay, "_plain_step", no_sft)
     with pytest.raises(ValueError, match=r"not writable.*needs about .*4 checkpoint"):
-        metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+        metagradient_rewards(target, data, LMHeadL2Norm(), cfg, RankOrder(order))
 
 
 def test_full_disk_fails_with_the_estimate(tmp_path, monkeypatch):
@@ -210,7 +213,7 @@ def test_reverse_pass_holds_one_state_and_one_adjoint(
     monkeypatch.setattr(replay_storage.Store, "start_adjoint", start_written)
     replay_cfg = ReplayConfig(storage="disk", directory=str(tmp_path), offload_adjoint=offload)
     cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="replay", replay=replay_cfg)
-    metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+    metagradient_rewards(target, data, LMHeadL2Norm(), cfg, RankOrder(order))
     # Entering the last step only the weights have an adjoint (Phi reads no moment); from then
     # on the moments have one too. Adam's moments themselves are two working buffers.
     if offload:
@@ -248,7 +251,7 @@ def test_offloaded_adjoint_parts_leave_memory_at_once(optim, tokenizer, monkeypa
     monkeypatch.setattr(replay_storage.Store, "start_adjoint", start_tracking)
     rcfg = ReplayConfig(storage="disk", directory=str(tmp_path), offload_adjoint=True)
     cfg = InnerConfig(optim=OPTIMS[optim], batch_size=2, backend="replay", replay=rcfg)
-    metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+    metagradient_rewards(target, data, LMHeadL2Norm(), cfg, RankOrder(order))
     n_params = len(list(target.parameters()))
     assert len(alive) > 2 * n_params and max(alive) == 0, alive
 
@@ -270,7 +273,7 @@ def test_target_weights_restored_bit_for_bit(storage, offload, tokenizer, monkey
     def unchanged() -> bool:
         return all(torch.equal(p, original[n]) for n, p in target.named_parameters())
 
-    rewards, _, _ = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+    rewards = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, RankOrder(order)).rewards
     assert rewards.abs().sum() > 0 and unchanged()
     calls = []
     inner_step = replay._reverse_step
@@ -283,7 +286,7 @@ def test_target_weights_restored_bit_for_bit(storage, offload, tokenizer, monkey
 
     monkeypatch.setattr(replay, "_reverse_step", failing)
     with pytest.raises(RuntimeError, match="killed"):
-        metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
+        metagradient_rewards(target, data, LMHeadL2Norm(), cfg, RankOrder(order))
     assert unchanged()
     assert not os.listdir(tmp_path)  # checkpoint files removed either way
 
@@ -299,7 +302,7 @@ def test_background_write_finishes_before_the_update(tokenizer, monkeypatch, tmp
     def run(storage: str) -> torch.Tensor:
         rcfg = ReplayConfig(storage=storage, directory=str(tmp_path))
         cfg = InnerConfig(optim=OPTIMS["adam"], batch_size=2, backend="replay", replay=rcfg)
-        return metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)[0]
+        return metagradient_rewards(target, data, LMHeadL2Norm(), cfg, RankOrder(order)).rewards
 
     in_memory = run("cpu")
     write = replay_storage._write

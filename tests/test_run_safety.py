@@ -289,12 +289,14 @@ def test_a_metric_that_turns_nan_after_sft_stops_the_run(tmp_path, capsys):
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, capsys, monkeypatch):
-    import dpg_lightning.dpg.rewards as rewards
+    import dpg_lightning.dpg.step as dpg_step
+    from dpg_lightning.inner import Attribution
 
-    def nan_rewards(target, data, phi, cfg, order, **kwargs):
-        return torch.full((len(data),), float("nan")), torch.tensor(0.0), [torch.tensor(0.0)]
+    def nan_rewards(target, data, phi, cfg, order, progress=None):
+        nan = torch.full((len(data),), float("nan"))
+        return Attribution(nan, torch.tensor(0.0), [torch.tensor(0.0)])
 
-    monkeypatch.setattr(rewards, "metagradient_rewards", nan_rewards)
+    monkeypatch.setattr(dpg_step, "metagradient_rewards", nan_rewards)
     with pytest.raises(SystemExit) as exit_info:
         main(_args(tmp_path, "--trainer.max_steps=10", "--model.max_nonfinite_steps=3"))
     err = capsys.readouterr().err

@@ -4,7 +4,8 @@
 through the unrolled SFT (``higher``/``func``) or step by step (``replay``, memory flat in the
 inner steps). ``dataset``: the naive baseline, every example gets ``Phi(SFT(D))``.
 
-Both return ``(rewards, Phi, step losses)``.
+All share one signature, ``(target, data, phi, inner, order, progress) -> Attribution``
+(:data:`~dpg_lightning.inner.attribution_result.Attribute`), so callers never adapt them.
 """
 
 from __future__ import annotations
@@ -12,15 +13,16 @@ from __future__ import annotations
 import time
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from dpg_lightning.data.tokenization import TokenRows
+from dpg_lightning.inner.attribution_result import Attribution
 from dpg_lightning.inner.config import InnerConfig
 from dpg_lightning.inner.metric import MetricFn
 from dpg_lightning.inner.replay import replay_rewards
 from dpg_lightning.inner.sft import run_sft
+from dpg_lightning.inner.shared_sft import RankOrder
 from dpg_lightning.inner.steps import Progress, eps_dtype
-from dpg_lightning.inner.unrolled import GradReduce
 
 
 def metagradient_rewards(
@@ -28,24 +30,25 @@ def metagradient_rewards(
     data: TokenRows,
     phi: MetricFn,
     cfg: InnerConfig,
-    order: list[Tensor],
-    times: dict[str, float] | None = None,
-    grad_reduce: GradReduce | None = None,
+    order: RankOrder,
     progress: Progress | None = None,
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """DPG rewards ``r_i = dPhi/deps_i`` at ``eps = 1``; returns ``(rewards, Phi, losses)``.
+) -> Attribution:
+    """DPG rewards ``r_i = dPhi/deps_i`` at ``eps = 1``.
 
-    ``times`` (if given) receives seconds spent in the forward SFT (``inner_sft``) and in the
-    backward pass through it (``attribution``). With ``grad_reduce`` (shared SFT) the rewards
-    are those of this rank's examples for the SFT over all ranks' examples.
+    Its seconds are the forward SFT's (``inner_sft``) and the backward pass's through it
+    (``attribution``). With ``order.grad_reduce`` (shared SFT) the rewards are those of this
+    rank's examples for the SFT over all ranks' examples.
     """
     if cfg.backend == "replay":
-        return replay_rewards(target, data, phi, cfg, order, times, progress, grad_reduce)
+        return replay_rewards(target, data, phi, cfg, order, progress)
+    grad_reduce = order.grad_reduce
     start = time.perf_counter()
     eps = torch.ones(
         len(data), dtype=eps_dtype(target), device=data.input_ids.device, requires_grad=True
     )
-    value, losses = run_sft(target, data, eps, phi, cfg, order, True, grad_reduce, progress)
+    value, losses = run_sft(
+        target, data, eps, phi, cfg, order.batches, True, grad_reduce, progress
+    )
     middle = time.perf_counter()
     if progress is not None:
         progress("attribution", 0, 0)
@@ -56,12 +59,10 @@ def metagradient_rewards(
         # world_size * Phi. The reduce of a one counts the ranks (any process group works).
         one = torch.ones((), dtype=rewards.dtype, device=rewards.device)
         rewards = rewards / grad_reduce([one])[0]
-    if times is not None:
-        times["inner_sft"] = middle - start
-        times["attribution"] = time.perf_counter() - middle
+    seconds = {"inner_sft": middle - start, "attribution": time.perf_counter() - middle}
     if rewards is None:
         rewards = torch.zeros_like(eps)
-    return rewards.detach(), value.detach(), losses
+    return Attribution(rewards.detach(), value.detach(), losses, seconds)
 
 
 def dataset_reward(
@@ -69,12 +70,16 @@ def dataset_reward(
     data: TokenRows,
     phi: MetricFn,
     cfg: InnerConfig,
-    order: list[Tensor],
-    grad_reduce: GradReduce | None = None,
+    order: RankOrder,
     progress: Progress | None = None,
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """Naive baseline: every example gets ``Phi(SFT(D))`` (same SFT, no metagradient)."""
+) -> Attribution:
+    """Naive baseline: every example gets ``Phi(SFT(D))`` (same SFT, no metagradient); its
+    seconds are the SFT's (``inner_sft``)."""
+    start = time.perf_counter()
     eps = torch.ones(len(data), device=data.input_ids.device)
-    value, losses = run_sft(target, data, eps, phi, cfg, order, False, grad_reduce, progress)
+    value, losses = run_sft(
+        target, data, eps, phi, cfg, order.batches, False, order.grad_reduce, progress
+    )
     value = value.detach()
-    return value.expand(len(data)).clone(), value, losses
+    seconds = {"inner_sft": time.perf_counter() - start}
+    return Attribution(value.expand(len(data)).clone(), value, losses, seconds)

@@ -27,13 +27,13 @@ through the update (``benchmarks/README.md``); it is held to autograd at 1e-12 i
 differences (``tests/test_replay.py``).
 
 **One working copy of the weights: the target's own.** Both passes update the target's trainable
-parameters *in place* (:func:`~dpg_lightning.optim.optimizer_step_`, bit for bit the functional
-step) and reload saved states into them, so no second set of weights ever exists on the device: the
-forward step holds the weights and their gradient, never the old and the new weights at once,
-and a reverse step replays step t in the same tensors that held step t+1. Without this every
-step but the first would need one weight-sized buffer more than the first (the state it
-reloads). The price: the state before step 0 is saved like any other, and the target is
-restored from it bit for bit when the call returns or fails.
+parameters *in place* (:func:`~dpg_lightning.inner.optim.optimizer_step_`, bit for bit the
+functional step) and reload saved states into them, so no second set of weights ever exists on the
+device: the forward step holds the weights and their gradient, never the old and the new weights at
+once, and a reverse step replays step t in the same tensors that held step t+1. Without this every
+step but the first would need one weight-sized buffer more than the first (the state it reloads).
+The price: the state before step 0 is saved like any other, and the target is restored from it bit
+for bit when the call returns or fails.
 
 **The adjoint travels as fetchers.** The reverse step fetches each parameter's part of the
 adjoint it carries only when it differentiates that parameter's update, and hands each part of
@@ -57,6 +57,7 @@ import torch
 from torch import Tensor, nn
 
 from dpg_lightning.data.tokenization import TokenRows
+from dpg_lightning.inner.attribution_result import Attribution
 from dpg_lightning.inner.config import InnerConfig
 from dpg_lightning.inner.metric import MetricFn, MetricOnTarget
 from dpg_lightning.inner.optim import (
@@ -78,6 +79,7 @@ from dpg_lightning.inner.replay_storage import (
     load_packed,
     pack_state,
 )
+from dpg_lightning.inner.shared_sft import RankOrder
 from dpg_lightning.inner.steps import (
     LossRule,
     Progress,
@@ -297,22 +299,21 @@ def replay_rewards(
     data: TokenRows,
     phi: MetricFn,
     cfg: InnerConfig,
-    order: list[Tensor],
-    times: dict[str, float] | None = None,
+    order: RankOrder,
     progress: Progress | None = None,
-    grad_reduce: GradReduce | None = None,
-) -> tuple[Tensor, Tensor, list[Tensor]]:
+) -> Attribution:
     """DPG rewards ``r_i = dPhi/deps_i`` at ``eps = 1`` by step-wise replay.
 
     Same signature and result as :func:`dpg_lightning.inner.attribution.metagradient_rewards`
-    (which dispatches here for ``inner.backend: replay``): ``(rewards, Phi, losses)``, with
-    ``times`` receiving ``inner_sft`` (forward SFT + checkpointing) and ``attribution`` (reverse
-    pass, including recomputation between checkpoints). The target's trainable parameters are
-    the working copy (see the module docstring) and hold their original values again on
-    return, also when the call raises.
+    (which dispatches here for ``inner.backend: replay``); its seconds are ``inner_sft``
+    (forward SFT + checkpointing) and ``attribution`` (reverse pass, including recomputation
+    between checkpoints). The target's trainable parameters are the working copy (see the
+    module docstring) and hold their original values again on return, also when the call
+    raises.
     """
     start = time.perf_counter()
-    n_steps = len(order)
+    grad_reduce, batches = order.grad_reduce, order.batches
+    n_steps = len(batches)
     check_replay_storage(cfg, target, n_steps)
     rcfg, optim = cfg.replay, cfg.optim
     slots = used_slots(optim)
@@ -337,7 +338,7 @@ def replay_rewards(
     try:
         with torch.enable_grad():
             losses = []
-            for t, idx in enumerate(order):
+            for t, idx in enumerate(batches):
                 if t in saved:
                     store.put(t, work, state)
                 state, loss = _plain_step(run, idx, work, state, before_update)
@@ -380,14 +381,14 @@ def replay_rewards(
                 segment = []
                 for t in range(begin, end - 1):
                     segment.append(pack_state(work, state, slots))
-                    state, _ = _plain_step(run, order[t], work, state)
+                    state, _ = _plain_step(run, batches[t], work, state)
                 for t in range(end - 1, begin - 1, -1):
                     if t < end - 1:
                         state = load_packed(segment.pop(), work, state, slots)
                     handoff = [adjoint]
                     del adjoint
                     adjoint, d_eps = _reverse_step(
-                        run, idx=order[t], params=work, state=state, handoff=handoff,
+                        run, idx=batches[t], params=work, state=state, handoff=handoff,
                         stash=new_stash(), is_first_step=t == 0,
                     )
                     if d_eps is not None:
@@ -403,7 +404,5 @@ def replay_rewards(
             store.close()
     if grad_reduce is not None:  # every rank's share of each global step loss
         losses = list(grad_reduce([torch.stack(losses)])[0].unbind())
-    if times is not None:
-        times["inner_sft"] = middle - start
-        times["attribution"] = time.perf_counter() - middle
-    return rewards.detach(), value.detach(), losses
+    seconds = {"inner_sft": middle - start, "attribution": time.perf_counter() - middle}
+    return Attribution(rewards.detach(), value.detach(), losses, seconds)

@@ -151,19 +151,26 @@ def shard_order(global_order: list[Tensor], rank: int, n_local: int) -> list[Ten
     return out
 
 
-@dataclass
-class SFTPlan:
-    """What one step's inner SFT needs on this rank: its order, the reduce, the set size."""
+@dataclass(frozen=True)
+class RankOrder:
+    """One inner SFT as this rank runs it: its batches of local indices (``-1`` for other
+    ranks' examples, so every batch has its global length) and, for an SFT shared by several
+    ranks, the differentiable SUM of their step gradients. Every backend and the dataset
+    reward take one, so a single-rank SFT is simply ``RankOrder(inner_order(...))``."""
 
-    order: list[Tensor]
-    grad_reduce: GradReduce | None
-    num_examples: int
+    batches: list[Tensor]
+    grad_reduce: GradReduce | None = None
+
+    @property
+    def num_examples(self) -> int:
+        """Examples in the SFT, all ranks' (the batches' global lengths add up to it)."""
+        return sum(len(batch) for batch in self.batches)
 
 
-def plan_sft(
+def rank_order(
     n_local: int, batch_size: int, shuffle: bool, seed: int, mode: Mode, world: WorldInfo
-) -> SFTPlan:
-    """The inner order (and gradient reduce) of one step on this rank.
+) -> RankOrder:
+    """This rank's order (and gradient reduce) of one SFT over its ``n_local`` examples.
 
     ``shared`` on several ranks: one global order over ``world_size * n_local`` examples, the
     same on every rank (same seed), sharded by :func:`shard_order`; every rank must hold the
@@ -172,7 +179,7 @@ def plan_sft(
     """
     check_choice("model.distributed", mode, ("shared", "independent"))
     if mode == "independent" or not world.distributed:
-        return SFTPlan(inner_order(n_local, batch_size, shuffle, seed), None, n_local)
+        return RankOrder(inner_order(n_local, batch_size, shuffle, seed))
     n_global = n_local * world.world_size
     order = inner_order(n_global, batch_size, shuffle, seed)
-    return SFTPlan(shard_order(order, world.rank, n_local), sum_across_ranks(), n_global)
+    return RankOrder(shard_order(order, world.rank, n_local), sum_across_ranks())

@@ -11,6 +11,7 @@ after minutes of model building or pretraining fails here with one message namin
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,10 @@ from dpg_lightning.common.errors import ConfigError
 from dpg_lightning.common.hub import hub_offline, hub_reachable
 from dpg_lightning.data.prompts import load_prompts
 from dpg_lightning.data.text_sources import source_kind
+from dpg_lightning.datamodule import PromptDataModule
+from dpg_lightning.dpg.rollout import SamplingConfig
+from dpg_lightning.inner.config import InnerConfig
+from dpg_lightning.inner.set_size import SFTSet
 
 #: Files that make a directory a transformers model / tokenizer directory.
 _MODEL_FILES = ("config.json",)
@@ -142,22 +147,28 @@ def check_ckpt_path(ckpt_path: str | None) -> None:
 
 
 def check_inner_batch(model: dict, data: dict, trainer: dict) -> None:
-    """``inner.batch_size`` must fit the synthetic set of a step (all ranks' with ``shared``)."""
+    """``inner.batch_size`` must fit the synthetic set of a step (all ranks' with ``shared``),
+    by the rule the run itself applies (:class:`SFTSet`). A key not given takes the default of
+    the class it configures (the parsed config has them all; ``model.distributed`` and
+    ``model.sft_groups`` fall back to ``DPGModule``'s, written here: ``run`` cannot import the
+    module that imports it)."""
     inner, sampling = model.get("inner") or {}, model.get("sampling") or {}
-    batch = inner.get("batch_size", 8)
-    per_rank = data.get("num_prompts", 8) * sampling.get("samples_per_prompt", 4)
-    world = 1
+    batch = inner.get("batch_size", InnerConfig.batch_size)
+    num_prompts = data.get("num_prompts", _default(PromptDataModule, "num_prompts"))
+    per_prompt = sampling.get("samples_per_prompt", SamplingConfig.samples_per_prompt)
+    ranks = 1
     if model.get("distributed", "shared") == "shared":
         devices, nodes = trainer.get("devices"), trainer.get("num_nodes") or 1
-        world = (devices if isinstance(devices, int) and devices > 0 else 1) * nodes
-    if not all(isinstance(x, int) and x >= 1 for x in (batch, per_rank)):
+        ranks = (devices if isinstance(devices, int) and devices > 0 else 1) * nodes
+    if not all(isinstance(x, int) and x >= 1 for x in (batch, num_prompts, per_prompt, ranks)):
         return  # a bad value on its own: its config class names it
-    if batch > per_rank * world:
-        raise ConfigError(
-            f"`model.inner.batch_size` is {batch} but the synthetic set of a step has "
-            f"{per_rank * world} examples (data.num_prompts x sampling.samples_per_prompt"
-            f"{' x ranks' if world > 1 else ''}): choose 1 <= inner.batch_size <= that"
-        )
+    groups = model.get("sft_groups", "all") == "inverse"
+    SFTSet(num_prompts, per_prompt, ranks, groups).batch(batch)
+
+
+def _default(cls: type, name: str) -> Any:
+    """The default of argument ``name`` of ``cls``'s constructor."""
+    return inspect.signature(cls.__init__).parameters[name].default
 
 
 def check_run(config: dict) -> None:
