@@ -25,7 +25,13 @@ from dpg_lightning.data.tokenization import (
     start_token_id,
     tokenize_examples,
 )
-from dpg_lightning.inner import InnerConfig, inner_order, metagradient_rewards, per_example_loss
+from dpg_lightning.inner import (
+    InnerConfig,
+    RankOrder,
+    inner_order,
+    metagradient_rewards,
+    per_example_loss,
+)
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from tests.helpers import OPTIMS, TEXTS, finite_difference_rewards, tiny
 
@@ -172,7 +178,7 @@ def test_official_rows_match_finite_differences(backend, optim, tokenizer):
     data = cfg.tokenize([*TEXTS[:-1], LONG, "a"], tokenizer)
     order = inner_order(len(data), 3, True, 1)
     phi = LMHeadL2Norm()
-    rewards, _, _ = metagradient_rewards(target, data, phi, cfg, order)
+    rewards = metagradient_rewards(target, data, phi, cfg, RankOrder(order)).rewards
     fd = finite_difference_rewards(target, data, phi, cfg, order)
     assert (fd != 0).all()
     assert ((rewards - fd).abs() / fd.abs()).max() < 1e-4
@@ -185,7 +191,7 @@ def test_official_rows_match_finite_differences_llama(tokenizer, float64_llama):
     data = cfg.tokenize(["abc", LONG, "a", "zz top"], BosTokenizer(tokenizer))
     order = inner_order(len(data), 3, True, 2)
     phi = LMHeadL2Norm()
-    rewards, _, _ = metagradient_rewards(target, data, phi, cfg, order)
+    rewards = metagradient_rewards(target, data, phi, cfg, RankOrder(order)).rewards
     fd = finite_difference_rewards(target, data, phi, cfg, order)
     assert (fd != 0).all()
     assert ((rewards - fd).abs() / fd.abs()).max() < 1e-4
