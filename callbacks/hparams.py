@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from dpg_lightning.run.checkpoints import plain
+from dpg_lightning.run.checkpoint_config import plain
 
 
 class StructuredHparams(L.Callback):

@@ -27,10 +27,11 @@ from dpg_lightning.common.settings import check_init_settings
 from dpg_lightning.datamodule import PromptDataModule
 from dpg_lightning.inner.shared_sft import close_process_group
 from dpg_lightning.module import DPGModule
-from dpg_lightning.run.checkpoints import AtomicCheckpointIO, check_checkpoint_config
+from dpg_lightning.run.checkpoint_config import check_checkpoint_config
+from dpg_lightning.run.checkpoint_files import AtomicCheckpointIO
 from dpg_lightning.run.preflight import check_run
 from dpg_lightning.run.run_dir import report, resolve_run
-from dpg_lightning.run.shutdown import GracefulShutdown
+from dpg_lightning.run.stopping import GracefulShutdown
 from dpg_lightning.run.threads import configure_threads
 
 #: The commands, as ``--help`` lists them.

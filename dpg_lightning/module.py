@@ -39,13 +39,13 @@ from dpg_lightning.metrics.base import Metric, check_metric
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.models.pretrain import maybe_pretrain
-from dpg_lightning.run.checkpoints import check_checkpoint_config
+from dpg_lightning.run.checkpoint_config import check_checkpoint_config
 from dpg_lightning.run.divergence import DivergenceGuard, StepNumbers, check_validation_phi
 from dpg_lightning.run.progress import PhaseReporter, phase_progress_bar
-from dpg_lightning.run.run_dir import RememberWandbRun
-from dpg_lightning.run.shutdown import GracefulShutdown
-from dpg_lightning.run.slurm import SlurmRequeue, check_slurm_launch
+from dpg_lightning.run.slurm import check_slurm_launch
+from dpg_lightning.run.stopping import GracefulShutdown, SlurmRequeue
 from dpg_lightning.run.summary import RunSummary, record_validation
+from dpg_lightning.run.wandb_run import RememberWandbRun
 
 
 class DPGModule(L.LightningModule):

@@ -29,9 +29,9 @@ from dpg_lightning.config_parser import run_config_parser
 from dpg_lightning.data.prompts import load_prompts
 from dpg_lightning.dpg.rollout import SamplingConfig, sample_rollout, uses_chat_template
 from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
-from dpg_lightning.run.checkpoints import check_checkpoint_config, plain
+from dpg_lightning.run.checkpoint_config import check_checkpoint_config, plain
+from dpg_lightning.run.checkpoint_files import unreadable
 from dpg_lightning.run.preflight import check_ckpt_path, check_model_source
-from dpg_lightning.run.run_dir import unreadable
 
 
 def _parser(command: str, description: str) -> ArgumentParser:

@@ -29,11 +29,11 @@ from dpg_lightning.cli import main
 from dpg_lightning.common.errors import TrainingDiverged
 from dpg_lightning.metrics.base import Metric
 from dpg_lightning.metrics.l2_norm import lm_head_weight
-from dpg_lightning.run.checkpoints import AtomicCheckpointIO
+from dpg_lightning.run.checkpoint_files import AtomicCheckpointIO, checkpoint_step, unreadable
+from dpg_lightning.run.csv_logger import RunCSVLogger
 from dpg_lightning.run.divergence import DivergenceGuard, StepNumbers
 from dpg_lightning.run.last_checkpoint import LastCheckpoint
 from dpg_lightning.run.progress import PhaseReporter, PhaseTQDMProgressBar
-from dpg_lightning.run.run_dir import RunCSVLogger, checkpoint_step, unreadable
 from dpg_lightning.run.threads import choose_threads
 from tests.helpers import TINY_CONFIG, tiny_fit_args
 
@@ -178,7 +178,7 @@ def test_last_skips_a_broken_checkpoint_and_names_it(tmp_path, capsys):
 
 _WRITER = textwrap.dedent("""
     import sys, torch
-    from dpg_lightning.run.checkpoints import AtomicCheckpointIO
+    from dpg_lightning.run.checkpoint_files import AtomicCheckpointIO
     io, path, i = AtomicCheckpointIO(), sys.argv[1], 0
     print("ready", flush=True)
     while True:
@@ -208,7 +208,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_a_good_checkpoint(tmp_path):
 
 _FULL_DISK = textwrap.dedent("""
     import resource, signal, sys, torch
-    from dpg_lightning.run.checkpoints import AtomicCheckpointIO
+    from dpg_lightning.run.checkpoint_files import AtomicCheckpointIO
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a full disk: writes fail with an error
     resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
     io, path = AtomicCheckpointIO(), sys.argv[1]

@@ -7,15 +7,28 @@ file, i.e. when the monitored metric improves: a run whose ``val/phi`` peaked ea
 are those *after* the optimizer step (which is what a resume needs), and its ``on_train_end``
 skips the final step once any ``last.ckpt`` exists. This subclass keeps Lightning's file
 handling (names, ``dirpath``, the checkpoint IO, state) and only decides *when*: every
-``every_n_train_steps`` steps and after the last one.
+``every_n_train_steps`` steps and after the last one. :func:`last_checkpoint_path` says *where*,
+for a stop on a signal that writes it out of turn.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def last_checkpoint_path(trainer: L.Trainer) -> str:
+    """Where the run's ``last.ckpt`` goes: the ModelCheckpoint's directory when there is one
+    (where ``--ckpt_path last`` looks), else ``<run dir>/checkpoints``."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "dirpath", None):
+        name = callback.CHECKPOINT_NAME_LAST + callback.FILE_EXTENSION
+        return os.path.join(callback.dirpath, name)
+    root = trainer.log_dir or trainer.default_root_dir
+    return os.path.join(root, "checkpoints", "last.ckpt")
 
 
 class LastCheckpoint(ModelCheckpoint):

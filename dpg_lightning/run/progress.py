@@ -1,25 +1,36 @@
-"""A progress bar that shows where a DPG step is, not an epoch count.
+"""Progress that shows where a DPG step is, not an epoch count: a bar in a terminal, lines in a log.
 
 At paper scale one DPG step takes minutes, so Lightning's bar (``Epoch 0/-2``, ``v_num``) says
-nothing for a long time. This one counts steps against ``trainer.max_steps`` and shows the
-step's current phase with its own progress: ``rollout``, ``inner SFT 12/96``, ``attribution
-40/96`` (``replay``: one reverse step each), ``policy update 3/8``, and the same for the
-validations (``validation: inner SFT 5/12``), including the one before the first step.
+nothing for a long time. In a terminal, the bar here counts steps against ``trainer.max_steps``
+and shows the step's current phase with its own progress: ``rollout``, ``inner SFT 12/96``,
+``attribution 40/96`` (``replay``: one reverse step each), ``policy update 3/8``, and the same
+for the validations (``validation: inner SFT 5/12``), including the one before the first step.
+
+Outside a terminal (a Slurm ``.out``, ``tee``, a file) a bar is one line rewritten with carriage
+returns, which a log shows only at the end; there :class:`PhaseLines` prints a short, parseable
+line per DPG step instead (at most one every ``every_s`` seconds when steps are fast; the last
+step always), a line per validation, and phase lines within steps longer than
+``phase_every_s``::
+
+    [dpg] step 3/20 | rollout 0.4s sft 1.1s attr 0.3s update 0.2s | reward mean 1.2e-05 std 3e-06
+          | phi -25.81 | val/phi -25.82 (step 0) | eta 0:00:34            (one line in the log)
+    [dpg] step 4/20 | inner SFT 12/96 | 0:01:05 so far
+    [dpg] validation at step 10 | val/phi -25.79
 
 The module reports phases through :class:`PhaseReporter` (plain callables, so the core math
-that reports per-step progress stays free of Lightning); this bar listens when it is active.
+that reports per-step progress stays free of Lightning); the bar or the lines listen.
 """
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-
-#: ``(done, total)`` of the phase in progress.
-StepProgress = Callable[[int, int], None]
 
 
 class PhaseReporter:
@@ -35,10 +46,6 @@ class PhaseReporter:
         """Announce ``name`` (with ``done/total`` when the phase counts something)."""
         if self._listener is not None:
             self._listener(f"{name} {done}/{total}" if total else name)
-
-    def steps(self, name: str) -> StepProgress:
-        """A ``(done, total)`` callback for a counted phase (passed into the core math)."""
-        return lambda done, total: self.phase(name, done, total)
 
 
 class _Phases:
@@ -125,11 +132,136 @@ class PhaseRichProgressBar(_Phases, RichProgressBar):
         self.refresh()
 
 
-def phase_progress_bar(default: object) -> L.Callback | None:
+#: ``time/*`` metrics of a step, in the order of the step, with their short names.
+PHASE_TIMES = {"rollout": "rollout", "inner_sft": "sft", "attribution": "attr",
+               "policy_update": "update"}
+
+
+def _number(metrics: dict[str, Any], key: str) -> float | None:
+    value = metrics.get(key)
+    return None if value is None else float(value)
+
+
+def _seconds(t: float) -> str:
+    """``1.1s``, or ``0.04s`` below a second (tiny runs' phases would all read ``0.0s``)."""
+    return f"{t:.1f}s" if t >= 1 else f"{t:.2f}s"
+
+
+def step_line(step: int, max_steps: int, metrics: dict[str, Any], val: tuple[float, int] | None,
+              eta_s: float | None) -> str:
+    """One step's log line from ``trainer.callback_metrics`` (what the module logged)."""
+    total = str(max_steps) if max_steps > 0 else "?"
+    parts = [f"[dpg] step {step}/{total}"]
+    times = [f"{short} {_seconds(t)}" for key, short in PHASE_TIMES.items()
+             if (t := _number(metrics, f"time/{key}")) is not None]
+    times += [f"{key[5:]} {_seconds(float(v))}" for key, v in metrics.items()
+              if key.startswith("time/") and key[5:] not in PHASE_TIMES]
+    if times:
+        parts.append(" ".join(times))
+    mean, std = _number(metrics, "train/reward_mean"), _number(metrics, "train/reward_std")
+    if mean is not None:
+        parts.append(f"reward mean {mean:.3g}" + (f" std {std:.3g}" if std is not None else ""))
+    phi = _number(metrics, "train/phi_after_sft")
+    if phi is not None:
+        parts.append(f"phi {phi:.4g}")
+    if val is not None:
+        parts.append(f"val/phi {val[0]:.4g} (step {val[1]})")
+    if eta_s is not None:
+        parts.append(f"eta {timedelta(seconds=round(eta_s))}")
+    return " | ".join(parts)
+
+
+class PhaseLines(_Phases):
+    """Progress as log lines, for output that is not a terminal (see the module doc).
+
+    Mixed into Lightning's bar classes with their bars off (``refresh_rate=0``): a callback
+    returned by ``configure_callbacks`` replaces the trainer's default bar only when it is of
+    that bar's class. It prints on rank 0 only, to stdout, flushed.
+
+    Args:
+        every_s: the least time between two step lines (the last step is always printed).
+        phase_every_s: within a step that runs longer, a line on the phase in progress at most
+            this often.
+    """
+
+    def __init__(self, every_s: float = 5.0, phase_every_s: float = 30.0) -> None:
+        super().__init__(refresh_rate=0)
+        self.every_s, self.phase_every_s = every_s, phase_every_s
+        self._last_line = float("-inf")  # time.monotonic() of the last line printed
+        self._step_start: float | None = None  # when the step (or validation) in progress began
+        self._first_start: float | None = None  # when this process's first step began
+        self._first_step = 0  # the global step the timing started at (a resumed run's)
+        self._val: tuple[float, int] | None = None
+
+    def _print(self, line: str) -> None:
+        if self._trainer is None or self.trainer.is_global_zero:
+            print(line, file=sys.stdout, flush=True)
+        self._last_line = time.monotonic()
+
+    def _show(self, phase: str) -> None:
+        self.current_phase = phase
+        now = time.monotonic()
+        start = self._step_start
+        if start is None or self._trainer is None:
+            return
+        if now - start >= self.phase_every_s and now - self._last_line >= self.phase_every_s:
+            trainer = self.trainer
+            where = f"step {trainer.global_step + 1}/{trainer.max_steps}"
+            if trainer.validating or phase.startswith("validation"):
+                where = f"validation at step {trainer.global_step}"
+            self._print(f"[dpg] {where} | {phase} | {timedelta(seconds=round(now - start))} "
+                        "so far")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._step_start = time.monotonic()  # the module's validation before the first step
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        self._step_start = time.monotonic()
+        if self._first_start is None:
+            self._first_start, self._first_step = self._step_start, trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        self.current_phase = ""
+        step, now = trainer.global_step, time.monotonic()
+        last = trainer.max_steps > 0 and step >= trainer.max_steps
+        if not last and now - self._last_line < self.every_s:
+            return
+        eta = None
+        done = step - self._first_step
+        if trainer.max_steps > 0 and done > 0 and self._first_start is not None:
+            eta = (now - self._first_start) / done * (trainer.max_steps - step)
+        self._print(step_line(step, trainer.max_steps, trainer.callback_metrics, self._val, eta))
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_start(trainer, pl_module)
+        if not trainer.sanity_checking:
+            self._step_start = time.monotonic()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        phi = _number(trainer.callback_metrics, "val/phi")
+        if phi is None or trainer.sanity_checking:
+            return
+        self._val = (phi, trainer.global_step)
+        self._print(f"[dpg] validation at step {trainer.global_step} | val/phi {phi:.4g}")
+
+
+class TQDMPhaseLines(PhaseLines, TQDMProgressBar):
+    """:class:`PhaseLines` in place of Lightning's tqdm bar."""
+
+
+class RichPhaseLines(PhaseLines, RichProgressBar):
+    """:class:`PhaseLines` in place of Lightning's rich bar (its default where rich exists)."""
+
+
+def phase_progress_bar(default: object, terminal: bool | None = None) -> L.Callback | None:
     """The phase-showing replacement of Lightning's default bar ``default`` (``None`` when
-    the trainer has none, or a bar of its own that is left alone)."""
+    the trainer has none, or a bar of its own that is left alone): a bar in a terminal,
+    :class:`PhaseLines` when stdout is not one (``terminal``: whether it is; default: ask)."""
+    terminal = sys.stdout.isatty() if terminal is None else terminal
     if type(default) is TQDMProgressBar:
-        return PhaseTQDMProgressBar()
+        return PhaseTQDMProgressBar() if terminal else TQDMPhaseLines()
     if type(default) is RichProgressBar:
-        return PhaseRichProgressBar()
+        return PhaseRichProgressBar() if terminal else RichPhaseLines()
     return None

@@ -1,20 +1,15 @@
-"""Checkpoints of a DPG run: written atomically, and checked to belong to the configured model.
+"""Does a checkpoint belong to the configured model? One message that names what differs.
 
 Resuming a checkpoint of another model either fails deep in ``load_state_dict`` with a wall of
-shape mismatches or, with equal shapes, silently becomes another experiment; the checks here
-turn both into one message that names what differs.
+shape mismatches or, with equal shapes, silently becomes another experiment; the check here
+turns both into one message that names what differs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import warnings
-from pathlib import Path
 from typing import Any
-
-import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from dpg_lightning.common.errors import ConfigError
 
@@ -68,49 +63,3 @@ def _diff_lines(key: str, saved: Any, current: Any) -> str:
         keys = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         return "\n".join(_diff_lines(f"{key}.{k}", saved.get(k), current.get(k)) for k in keys)
     return f"  {key}: checkpoint {saved!r}, config {current!r}"
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints written so that a kill or a full disk never leaves a broken file in place.
-
-    The checkpoint goes to a temporary file *in the destination directory* (a rename within
-    one filesystem is atomic; Lightning's own save stages through a temporary file that may
-    live on another filesystem, and a kill during the final copy leaves a 0-byte or truncated
-    ``last.ckpt``), is flushed and fsync'ed, and only then renamed over the old file, whose
-    directory entry is fsync'ed too. Until the rename the previous checkpoint is untouched; a
-    write that fails removes its temporary file and says which checkpoint was kept. Remote
-    paths (``s3://``...) keep Lightning's behaviour.
-    """
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
-    ) -> None:
-        if "://" in str(path) or storage_options is not None:
-            return super().save_checkpoint(checkpoint, path, storage_options)
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer
-            stale.unlink(missing_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as err:
-            tmp.unlink(missing_ok=True)
-            # A full disk or a file-size limit surfaces as an OSError or, from torch's zip
-            # writer, as a RuntimeError: both leave the previous checkpoint as it was.
-            if isinstance(err, (OSError, RuntimeError)):
-                kept = "the previous one is kept" if path.exists() else "no earlier one exists"
-                raise OSError(
-                    f"writing checkpoint {path} failed ({err}); {kept}. Free space on that "
-                    "filesystem or point the checkpoints elsewhere"
-                ) from err
-            raise
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
