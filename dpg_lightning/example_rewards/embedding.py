@@ -19,7 +19,8 @@ from typing import Any
 from dpg_lightning.common.errors import ConfigError
 from dpg_lightning.example_rewards.base import ExampleReward
 
-#: The paper's embedding model.
+#: The paper's embedding model (the hub has since moved it to
+#: ``sentence-transformers/static-similarity-mrl-multilingual-v1``; the old name redirects).
 PAPER_MODEL = "tomaarsen/static-similarity-mrl-multilingual-v1"
 
 
