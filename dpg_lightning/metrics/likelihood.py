@@ -134,6 +134,10 @@ class SequenceLikelihood(_TextObjective):
         self.tokenizer = None
         self.text_ids: list[int] = []
 
+    def reference_texts(self) -> list[str]:
+        """The string to emit: the set a per-example reward compares examples with."""
+        return [self.text]
+
     def bind_tokenizer(self, tokenizer) -> None:
         self.tokenizer = tokenizer
         self.text_ids = encode(tokenizer, self.text)
@@ -234,6 +238,11 @@ class LastWordLikelihood(_TextObjective):
         self.split = [last_word_split(p) for p in self.passages]
         self.max_length, self.score_end_token = max_length, score_end_token
         self.per_token_of = max_length if loss_normalization == "max_length" else None
+
+    def reference_texts(self) -> list[str]:
+        """The held-out passages, whole: the set a per-example reward compares examples with
+        (``dpg_lightning.example_rewards``)."""
+        return list(self.passages)
 
     def bind_tokenizer(self, tokenizer) -> None:
         contexts, words = zip(*self.split, strict=True)
