@@ -19,9 +19,9 @@ import torch
 from lightning.pytorch.core.optimizer import LightningOptimizer, do_nothing_closure
 from torch import Tensor
 
-from dpg_lightning.common.errors import check_choice, check_int_at_least, require
+from dpg_lightning.common.errors import ConfigError, check_int_at_least, require
 from dpg_lightning.common.seeds import derive_seed
-from dpg_lightning.data.tokenization import TokenRows
+from dpg_lightning.common.settings import check_literal_args
 from dpg_lightning.dpg.policy import PolicyConfig, accumulate_policy_loss
 from dpg_lightning.dpg.rewards import make_rewarder
 from dpg_lightning.dpg.rollout import (
@@ -31,8 +31,19 @@ from dpg_lightning.dpg.rollout import (
     sample_rollout,
     uses_chat_template,
 )
-from dpg_lightning.dpg.step import StepScore, attribution_for, score_step, sft_jobs
+from dpg_lightning.dpg.step import (
+    StepScore,
+    attribution_for,
+    score_by_example_reward,
+    score_step,
+    sft_jobs,
+)
 from dpg_lightning.dpg.step_output import StepOutput
+from dpg_lightning.example_rewards.base import (
+    ExampleReward,
+    check_example_reward,
+    reference_texts_of,
+)
 from dpg_lightning.inner import InnerConfig, MetricFn, SFTSet, sft_on_texts, trainable_names
 from dpg_lightning.inner.shared_sft import WorldInfo, all_gather_cat, world_info
 from dpg_lightning.metrics.base import Metric, check_metric
@@ -85,16 +96,17 @@ class DPGModule(L.LightningModule):
         inner: InnerConfig | None = None,
         sampling: SamplingConfig | None = None,
         policy: PolicyConfig | None = None,
-        reward: Literal["dpg", "dataset"] = "dpg",
+        reward: Literal["dpg", "dataset", "example"] = "dpg",
         seed: int = 0,
         distributed: Literal["shared", "independent"] = "shared",
         max_nonfinite_steps: int = 5,
         val_sampling: SamplingConfig | None = None,
         sft_groups: Literal["all", "inverse"] = "all",
+        example_reward: ExampleReward | None = None,
     ) -> None:
         super().__init__()
         check_slurm_launch()
-        self.save_hyperparameters(ignore=["metric"])
+        self.save_hyperparameters(ignore=["metric", "example_reward"])
         self.automatic_optimization = False
         self.gen_cfg = generator or ModelConfig()
         self.target_cfg = target or ModelConfig(seed=1)
@@ -102,11 +114,17 @@ class DPGModule(L.LightningModule):
         self.inner = inner or InnerConfig()
         self.sampling = sampling or SamplingConfig()
         self.policy = policy or PolicyConfig()
-        check_choice("model.reward", reward, ("dpg", "dataset"))
+        try:
+            check_literal_args(DPGModule.__init__, reward=reward, distributed=distributed,
+                               sft_groups=sft_groups)
+        except ConfigError as err:
+            raise err.at("model") from None
         check_int_at_least("model.seed", seed, 0)
-        check_choice("model.distributed", distributed, ("shared", "independent"))
         check_int_at_least("model.max_nonfinite_steps", max_nonfinite_steps, 1)
-        check_choice("model.sft_groups", sft_groups, ("all", "inverse"))
+        require((reward == "example") == (example_reward is not None),
+                "`model.example_reward` is set exactly when `model.reward: example`: give both "
+                "(a per-example reward, no inner SFT per step) or neither")
+        self.example_reward = example_reward
         require(self.sampling.temperature > 0,
                 "`model.sampling.temperature` is 0 (greedy), but the policy gradient needs "
                 "sampled rollouts; use a temperature > 0 (0 is for `model.val_sampling`)")
@@ -140,6 +158,9 @@ class DPGModule(L.LightningModule):
         self.phi_initial = check_metric(
             self.metric, self.target, trainable_names(self.target, self.inner.train_params)
         )
+        if example_reward is not None:  # after bind_tokenizer: the metric's set is read
+            check_example_reward(example_reward, self.target_tokenizer,
+                                 reference_texts_of(self.metric))
 
     # ---------------------------------------------------------------- set-up
 
@@ -187,15 +208,14 @@ class DPGModule(L.LightningModule):
         start = time.perf_counter()
         rollout = sample_rollout(self.generator, self.gen_tokenizer, batch, self.sampling)
         seconds = {"rollout": time.perf_counter() - start}
-        data = self.inner.tokenize(rollout.texts, self.target_tokenizer).to(self.device)
         world = world_info()
-        score = self._score(data, world)
+        score = self._score(rollout, world)
         rewards = score.rewards
         # Rewards of all ranks' examples (one SFT over them all when shared): the baselines and
         # the finiteness check must agree across ranks, or DDP's gradient sync would hang.
         all_rewards = all_gather_cat(rewards, world)
         # 0 when the ranks shared one SFT (all end with the same target), > 0 when independent.
-        phis = all_gather_cat(score.phi.reshape(1).to(rewards.dtype), world)
+        phis = all_gather_cat(_phi_or_nothing(score, rewards.dtype), world)
         self.log_dict(_sft_metrics(score, phis), batch_size=len(batch))
         if self._skip_if_nonfinite(all_rewards, phis, score.losses, len(batch)):
             return StepOutput(rollout.texts, rollout.prompts, rewards.cpu()).as_lightning_output()
@@ -215,8 +235,13 @@ class DPGModule(L.LightningModule):
         return SFTSet(num_prompts, self.sampling.samples_per_prompt, ranks,
                       self.sft_groups == "inverse")
 
-    def _score(self, data: TokenRows, world: WorldInfo) -> StepScore:
-        """The step's SFTs on this rank (ordered by the step), attributed and scored."""
+    def _score(self, rollout: Rollout, world: WorldInfo) -> StepScore:
+        """The step's SFTs on this rank (ordered by the step), attributed and scored; or, with
+        ``reward: example``, each example scored by the per-example reward alone."""
+        if self.example_reward is not None:
+            self.phases.phase("example reward")
+            return score_by_example_reward(self.example_reward, rollout)
+        data = self.inner.tokenize(rollout.texts, self.target_tokenizer).to(self.device)
         shared = self.distributed == "shared"
         sft_set = self._sft_set(len(data) // self.sampling.samples_per_prompt,
                                 world.world_size if shared else 1)
@@ -231,7 +256,8 @@ class DPGModule(L.LightningModule):
     ) -> bool:
         """Skip the update of a step with non-finite numbers (logged) rather than poison the
         generator; the divergence guard ends the run if this goes on."""
-        problems = StepNumbers(all_rewards, phis, [torch.stack(losses)]).problems()
+        step_losses = [torch.stack(losses)] if losses else []
+        problems = StepNumbers(all_rewards, phis, step_losses).problems()
         self.divergence.record(self.global_step, problems)
         if not problems:
             return False
@@ -249,7 +275,7 @@ class DPGModule(L.LightningModule):
         return True
 
     def _log_step(
-        self, rollout: Rollout, rewards: Tensor, phi: Tensor, stats: dict[str, Tensor],
+        self, rollout: Rollout, rewards: Tensor, phi: Tensor | None, stats: dict[str, Tensor],
         seconds: dict[str, float], batch_size: int,
     ) -> None:
         """The metrics of an updated step, and the progress bar's reward and Phi."""
@@ -266,7 +292,8 @@ class DPGModule(L.LightningModule):
         )
         self.log("reward", rewards.mean().float(), prog_bar=True, logger=False,
                  batch_size=batch_size)
-        self.log("phi", phi.float(), prog_bar=True, logger=False, batch_size=batch_size)
+        if phi is not None:
+            self.log("phi", phi.float(), prog_bar=True, logger=False, batch_size=batch_size)
 
     def _update_policy(self, rollout, advantages: Tensor) -> dict[str, Tensor]:
         p, temp = self.policy, self.sampling.temperature
@@ -472,8 +499,17 @@ def _warn_about_settings(
         )
 
 
+def _phi_or_nothing(score: StepScore, dtype: torch.dtype) -> Tensor:
+    """This rank's Phi as a 1-element tensor to gather, or an empty one without an SFT."""
+    if score.phi is None:
+        return score.rewards.new_zeros(0, dtype=dtype)
+    return score.phi.reshape(1).to(dtype)
+
+
 def _sft_metrics(score: StepScore, phis: Tensor) -> dict[str, Tensor | float]:
-    """What every step logs about its SFTs, updated or skipped."""
+    """What every step logs about its SFTs, updated or skipped (nothing without an SFT)."""
+    if score.phi is None:
+        return {}
     return {
         "train/phi_after_sft": score.phi.float(),
         "train/inner_loss_first": score.losses[0].float(),

@@ -383,9 +383,14 @@ def test_paper_configs_hold_valid_official_settings(path):
     assert policy.dual_clip == 3.0 and policy.loss_aggregation == "token_mean"
     assert policy.weight_decay == 0.01 and policy.max_grad_norm == 1.0
     baseline = path.stem.endswith("_baseline")
-    official = ("dataset", "inverse") if baseline else ("dpg", "all")
-    assert (m["reward"], m["sft_groups"]) == official
-    task = path.stem.removesuffix("_baseline").removesuffix("_sgd")
+    heuristic = m["reward"] == "example"  # no inner SFT per step: the DPG run's inner settings
+    if heuristic:  # serve validation only, so val/phi compares with the DPG run's
+        assert "sft_groups" not in m and policy.reward_scale == 1
+        assert path.stem.startswith("language_") and m["example_reward"]["class_path"]
+    else:
+        official = ("dataset", "inverse") if baseline else ("dpg", "all")
+        assert (m["reward"], m["sft_groups"]) == official
+    task = "language" if heuristic else path.stem.removesuffix("_baseline").removesuffix("_sgd")
     kind = "naive" if baseline else "sgd" if path.stem.endswith("_sgd") else "adam"
     assert (optim.name, optim.lr) == OFFICIAL_INNER_OPTIM[kind][task]
     if optim.name == "adamw":  # DPG and the naive baseline: the same AdamW, lr apart
@@ -403,7 +408,9 @@ def test_paper_configs_hold_valid_official_settings(path):
 
 def test_every_official_run_has_a_paper_config():
     """DPG (AdamW), the naive baseline and DPG with inner SGD, for every task the paper ran
-    them on (no naive or SGD run for QR officially; the QR baseline is this project's)."""
+    them on (no naive or SGD run for QR officially; the QR baseline is this project's), and
+    the three per-example heuristics of the language experiment."""
     tasks = ("qr", "sixty_seven", "l2_norm", "uuid", "language")
-    expected = {*tasks, *(f"{t}_baseline" for t in tasks), *(f"{t}_sgd" for t in tasks[1:])}
+    expected = {*tasks, *(f"{t}_baseline" for t in tasks), *(f"{t}_sgd" for t in tasks[1:]),
+                *(f"language_{h}" for h in ("levenshtein", "fasttext", "embedding"))}
     assert {p.stem for p in PAPER_CONFIGS} == expected

@@ -69,6 +69,17 @@ def settings_class(hint: Any) -> type[Settings] | None:
                  if isinstance(a, type) and issubclass(a, Settings)), None)
 
 
+def check_literal_args(fn: Any, **values: Any) -> None:
+    """Check arguments of ``fn`` annotated ``Literal[...]`` against their annotation (a class's
+    plain ``Literal`` init arguments, which no dataclass checks); keys are the argument names."""
+    hints = typing.get_type_hints(fn)
+    for name, value in values.items():
+        choices = literal_choices(hints[name])
+        if choices is not None and value not in choices:
+            shown = " | ".join("null" if c is None else str(c) for c in choices)
+            raise ConfigError(f"`{name}` is {value!r}; use one of {shown}", name)
+
+
 def check_settings(obj: Settings) -> None:
     """Check ``obj``'s ``Literal`` fields against their annotation, its nested settings (errors
     re-keyed under the field) and its :meth:`Settings.check`; raise :class:`ConfigError` with

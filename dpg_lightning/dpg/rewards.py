@@ -77,7 +77,9 @@ class DatasetReward(nn.Module):
 def make_rewarder(
     reward: str, policy: PolicyConfig, grouped: bool
 ) -> MetagradientReward | DatasetReward:
-    """The advantages of ``model.reward`` (``dpg`` or ``dataset``), with inverse groups or not."""
-    if reward == "dpg":
+    """The advantages of ``model.reward``, with inverse groups or not: per-example rewards
+    (``dpg``, ``example``) are compared within groups or the batch; ``dataset`` rewards share
+    one Phi per SFT."""
+    if reward in ("dpg", "example"):
         return MetagradientReward(grouped)
     return DatasetReward(policy.dataset_baseline_decay, grouped)

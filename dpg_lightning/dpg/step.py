@@ -13,6 +13,7 @@ back in its row. Advantages are :mod:`dpg_lightning.dpg.rewards`'.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,8 @@ from torch import Tensor, nn
 
 from dpg_lightning.common.seeds import derive_seed
 from dpg_lightning.data.tokenization import TokenRows
+from dpg_lightning.dpg.rollout import Rollout
+from dpg_lightning.example_rewards.base import ExampleReward, score_examples
 from dpg_lightning.inner.attribution import dataset_reward, metagradient_rewards
 from dpg_lightning.inner.attribution_result import Attribute, Attribution
 from dpg_lightning.inner.config import InnerConfig
@@ -42,10 +45,11 @@ class SFTJob:
 class StepScore:
     """A step's SFTs, scored: this rank's rewards (one per row of its set), ``Phi`` after the
     SFT (the groups' mean with inverse groups), all step losses, the examples in one SFT (all
-    ranks'), and the wall time of the SFTs' parts summed over them."""
+    ranks'), and the wall time of the SFTs' parts summed over them. A per-example reward
+    (``reward: example``) runs no SFT: ``phi`` is ``None`` and ``losses`` empty."""
 
     rewards: Tensor
-    phi: Tensor
+    phi: Tensor | None
     losses: list[Tensor]
     num_examples: int
     seconds: dict[str, float]
@@ -121,3 +125,15 @@ def score_step(
     value = parts[0].phi if len(parts) == 1 else torch.stack([p.phi for p in parts]).mean()
     losses = [loss for p in parts for loss in p.losses]
     return StepScore(rewards, value, losses, jobs[-1].order.num_examples, seconds)
+
+
+def score_by_example_reward(reward: ExampleReward, rollout: Rollout) -> StepScore:
+    """``reward: example``: each completion scored on its own by ``reward`` (its text, the
+    generator's token ids of it, its prompt), with no inner SFT: the paper's heuristic
+    baselines (``dpg_lightning.example_rewards``)."""
+    start = time.perf_counter()
+    token_ids = [row[mask.bool()].tolist()
+                 for row, mask in zip(rollout.completion_ids, rollout.completion_mask)]
+    rewards = score_examples(reward, rollout.texts, token_ids, rollout.prompts)
+    seconds = {"example_reward": time.perf_counter() - start}
+    return StepScore(rewards.to(rollout.input_ids.device), None, [], len(rollout.texts), seconds)
