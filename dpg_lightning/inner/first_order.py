@@ -18,7 +18,11 @@ Hessian-vector product. The cost is two graph-free SFTs (the first finds ``theta
 replays the trajectory) plus one JVP per step.
 
 With one inner step nothing is dropped, so the rewards are the exact metagradient (tested to
-float64 precision); with more steps they differ by the curvature of the later steps. Same
+float64 precision). With more steps, plain SGD drops only the later steps' curvature, so the
+difference vanishes with the lr; momentum SGD and Adam/AdamW also drop the carry-over of a
+step's gradient through the moments into later updates, which does not vanish with the lr
+(``tests/test_first_order.py``): their first-order reward is a different estimator, not a
+small-lr limit of the exact one. Same
 return as :func:`~dpg_lightning.inner.attribution.metagradient_rewards`:
 ``(rewards, Phi, step losses)``. No shared SFT across ranks, no ``autocast``.
 """
