@@ -229,7 +229,8 @@ def test_embedding_names_a_model_it_cannot_load(tmp_path, monkeypatch):
 # ------------------------------------------------------------------ configs
 
 HEURISTIC_CONFIGS = sorted((ROOT / "configs" / "paper").glob("language_*.yaml"))
-HEURISTIC_CONFIGS = [p for p in HEURISTIC_CONFIGS if p.stem not in ("language_baseline", "language_sgd")]
+HEURISTIC_CONFIGS = [p for p in HEURISTIC_CONFIGS
+                     if p.stem not in ("language_baseline", "language_sgd")]
 
 
 def test_there_is_a_config_per_heuristic():
