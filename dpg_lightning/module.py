@@ -22,6 +22,7 @@ from torch import Tensor
 from dpg_lightning.common.errors import ConfigError, check_int_at_least, require
 from dpg_lightning.common.seeds import derive_seed
 from dpg_lightning.common.settings import check_literal_args
+from dpg_lightning.dpg.minibatches import minibatch_count, minibatch_rows
 from dpg_lightning.dpg.policy import PolicyConfig, accumulate_policy_loss
 from dpg_lightning.dpg.rewards import make_rewarder
 from dpg_lightning.dpg.rollout import (
@@ -31,6 +32,7 @@ from dpg_lightning.dpg.rollout import (
     sample_rollout,
     uses_chat_template,
 )
+from dpg_lightning.dpg.setting_warnings import setting_warnings
 from dpg_lightning.dpg.step import (
     StepScore,
     attribution_for,
@@ -133,7 +135,8 @@ class DPGModule(L.LightningModule):
         self.reward, self.seed, self.distributed = reward, seed, distributed
         self.phases = PhaseReporter()  # where a step is, for the progress bar
         self.divergence = DivergenceGuard(max_nonfinite_steps, self._lower_hints())
-        _warn_about_settings(self.sampling, self.policy, self.gen_cfg)
+        for message in setting_warnings(self.sampling, self.policy, self.gen_cfg):
+            warnings.warn(message, stacklevel=2)
 
         self.gen_tokenizer = load_tokenizer(self.gen_cfg)
         uses_chat_template(self.gen_tokenizer, self.sampling)  # a template it needs is there
@@ -304,11 +307,13 @@ class DPGModule(L.LightningModule):
                    if self.reference else None)
         opt = self.optimizers()
         stats: dict[str, list[Tensor]] = {"policy_loss": [], "clip_frac": [], "kl": []}
-        minibatches = self._minibatch_count(len(rollout.texts))
+        per_prompt = self.sampling.samples_per_prompt
+        minibatches = minibatch_count(p, per_prompt, len(rollout.texts))
         opt_steps, total_steps = 0, p.num_iterations * minibatches
         self.phases.phase("policy update", 0, total_steps)
         for _ in range(p.num_iterations):
-            for rows in self._minibatches(len(rollout.texts), minibatches):
+            for rows in minibatch_rows(p, per_prompt, len(rollout.texts), minibatches,
+                                       self.device):
                 opt.zero_grad()
                 loss, s = accumulate_policy_loss(
                     lambda chunk: completion_logprobs(self.generator, rollout, temp, rows=chunk),
@@ -350,28 +355,6 @@ class DPGModule(L.LightningModule):
             opt.step()
         else:
             self.trainer.strategy.optimizer_step(opt.optimizer, closure=do_nothing_closure)
-
-    def _minibatch_count(self, n_rows: int) -> int:
-        """Optimizer steps per pass over this rank's ``n_rows`` samples."""
-        p, per_prompt = self.policy, self.sampling.samples_per_prompt
-        if p.minibatch_prompts is None:
-            return p.num_minibatches
-        return max(1, -(-(n_rows // per_prompt) // p.minibatch_prompts))
-
-    def _minibatches(self, n_rows: int, count: int) -> list[Tensor | None]:
-        """Rows of each mini-batch of one pass, in a random order (``[None]``: all rows).
-
-        With ``policy.minibatch_prompts`` the samples of a prompt stay together (the paper's
-        mini-batches are counted in prompts); else rows are shuffled one by one.
-        """
-        if count == 1:
-            return [None]
-        per_prompt = self.sampling.samples_per_prompt
-        if self.policy.minibatch_prompts is None:
-            return list(torch.randperm(n_rows, device=self.device).chunk(count))
-        prompts = torch.randperm(n_rows // per_prompt, device=self.device)
-        rows = prompts[:, None] * per_prompt + torch.arange(per_prompt, device=self.device)
-        return [chunk.reshape(-1) for chunk in rows.split(self.policy.minibatch_prompts)]
 
     # ---------------------------------------------------------------- validation
 
@@ -476,27 +459,6 @@ class DPGModule(L.LightningModule):
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=0)
             record_validation(self.trainer, 0, metrics)
-
-
-def _warn_about_settings(
-    sampling: SamplingConfig, policy: PolicyConfig, generator: ModelConfig
-) -> None:
-    """Settings that run but learn little or nothing (each config is valid on its own)."""
-    if generator.dtype == "bfloat16":
-        warnings.warn(
-            "`model.generator.dtype: bfloat16` trains the generator's weights in bf16: an AdamW "
-            f"step of lr {policy.lr:g} rounds away on most of them (tests/test_precision.py). "
-            "Use `model.generator.dtype: float32` with `trainer.precision: bf16-mixed` (fp32 "
-            "master weights, bf16 compute)",
-            stacklevel=3,
-        )
-    if policy.baseline == "group" and sampling.samples_per_prompt == 1:
-        warnings.warn(
-            "`policy.baseline: group` with `sampling.samples_per_prompt: 1` gives every example "
-            "zero advantage (nothing to compare within a group): nothing will be learned. "
-            "Raise samples_per_prompt or use baseline: batch_mean | leave_one_out",
-            stacklevel=3,
-        )
 
 
 def _phi_or_nothing(score: StepScore, dtype: torch.dtype) -> Tensor:

@@ -22,11 +22,10 @@ from matplotlib.figure import Figure
 
 from dpg_lightning.analysis.agreement import agreement
 from dpg_lightning.analysis.enumerated import compare_gradients, evaluate_sets
-from dpg_lightning.analysis.inner_calls import exact_rewards
+from dpg_lightning.analysis.inner_calls import exact_rewards, first_order
 from dpg_lightning.analysis.leave_one_out import as_float64, leave_one_out
 from dpg_lightning.data.tokenization import tokenize_examples
 from dpg_lightning.inner import InnerConfig, InnerOptimConfig, inner_order
-from dpg_lightning.inner.first_order import first_order_rewards
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
 
@@ -47,7 +46,7 @@ def enumerated_grid(lrs: list[float], steps: list[int], ns: list[int], seed: int
     tok = load_tokenizer(ModelConfig())
     target = _target(16, 2, 2, 32, seed)
     cands = tokenize_examples(CANDIDATES, tok, 32)
-    fns = {"dpg": exact_rewards, "first_order": first_order_rewards}
+    fns = {"dpg": exact_rewards, "first_order": first_order}
     rows = []
     for n in ns:
         for t in steps:
@@ -87,12 +86,12 @@ def config_like(optim: InnerOptimConfig, seed: int, repeats: int) -> dict:
     loo_s = time.perf_counter() - start
     t64 = as_float64(target)
     exact, _, _ = exact_rewards(t64, data, phi, cfg, order)
-    first, _, _ = first_order_rewards(t64, data, phi, cfg, order)
+    first, _, _ = first_order(t64, data, phi, cfg, order)
     times: dict[str, list[tuple[float, float]]] = {"replay": [], "first_order": []}
     for _ in range(repeats):  # interleaved; each keeps its fastest
         times["replay"].append(_timed(lambda: exact_rewards(target, data, phi, cfg, order))[1:])
         times["first_order"].append(
-            _timed(lambda: first_order_rewards(target, data, phi, cfg, order))[1:])
+            _timed(lambda: first_order(target, data, phi, cfg, order))[1:])
     best = {k: min(v, key=lambda x: x[1]) for k, v in times.items()}
     out = dict(
         optim=optim.name, lr=optim.lr, examples=len(data), steps=len(order),

@@ -12,16 +12,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dpg_lightning.analysis.inner_calls import exact_rewards, first_order
 from dpg_lightning.data.tokenization import tokenize_examples
-from dpg_lightning.inner import InnerConfig, InnerOptimConfig, inner_order, metagradient_rewards
-from dpg_lightning.inner.first_order import first_order_rewards
+from dpg_lightning.inner import InnerConfig, InnerOptimConfig, inner_order
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from tests.helpers import OPTIMS, TEXTS, finite_difference_rewards, relative_error, tiny
 
 
 def _both(target, data, cfg, order):
-    exact, phi, losses = metagradient_rewards(target, data, LMHeadL2Norm(), cfg, order)
-    first, phi1, losses1 = first_order_rewards(target, data, LMHeadL2Norm(), cfg, order)
+    exact, phi, losses = exact_rewards(target, data, LMHeadL2Norm(), cfg, order)
+    first, phi1, losses1 = first_order(target, data, LMHeadL2Norm(), cfg, order)
     assert torch.equal(phi, phi1)
     torch.testing.assert_close(torch.stack(losses), torch.stack(losses1), rtol=1e-12, atol=0)
     return first, exact
@@ -40,7 +40,7 @@ def test_one_inner_step_matches_finite_differences(tokenizer):
     data = tokenize_examples(TEXTS, tokenizer, 32)
     cfg = InnerConfig(optim=OPTIMS["sgd"], batch_size=len(data), backend="func")
     order = inner_order(len(data), len(data), True, 0)
-    first, _, _ = first_order_rewards(target, data, LMHeadL2Norm(), cfg, order)
+    first, _, _ = first_order(target, data, LMHeadL2Norm(), cfg, order)
     fd = finite_difference_rewards(target, data, LMHeadL2Norm(), cfg, order)
     assert ((first - fd).abs() / fd.abs()).max() < 1e-4
 
@@ -89,8 +89,8 @@ def test_micro_batches_and_loss_rules(rule, tokenizer):
     whole = InnerConfig(optim=OPTIMS["adam"], batch_size=3, backend="func")
     split = InnerConfig(optim=OPTIMS["adam"], batch_size=3, backend="func", **rule)
     order = inner_order(len(data), 3, True, 0)
-    r_whole, _, _ = first_order_rewards(target, data, LMHeadL2Norm(), whole, order)
-    r_split, _, _ = first_order_rewards(target, data, LMHeadL2Norm(), split, order)
+    r_whole, _, _ = first_order(target, data, LMHeadL2Norm(), whole, order)
+    r_split, _, _ = first_order(target, data, LMHeadL2Norm(), split, order)
     if "micro_batch_reduction" not in rule and "loss_normalization" not in rule:
         assert relative_error(r_split, r_whole) < 1e-12
     one_step = [torch.arange(len(data))]
@@ -103,6 +103,6 @@ def test_target_weights_are_never_modified(tokenizer):
     before = {k: v.clone() for k, v in target.state_dict().items()}
     data = tokenize_examples(TEXTS, tokenizer, 32)
     cfg = InnerConfig(optim=OPTIMS["adamw"], batch_size=2)
-    first_order_rewards(target, data, LMHeadL2Norm(), cfg, inner_order(len(data), 2, True, 0))
+    first_order(target, data, LMHeadL2Norm(), cfg, inner_order(len(data), 2, True, 0))
     for k, v in target.state_dict().items():
         assert torch.equal(v, before[k]), k

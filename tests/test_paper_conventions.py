@@ -13,7 +13,6 @@ import inspect
 import json
 import re
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +26,7 @@ from torch import nn
 from dpg_lightning.data.tokenization import TokenRows, start_token_id, tokenize_examples
 from dpg_lightning.datamodule import PromptDataModule
 from dpg_lightning.dpg.advantages import compute_advantages, grpo_official_advantages
+from dpg_lightning.dpg.minibatches import minibatch_count, minibatch_rows
 from dpg_lightning.dpg.policy import PolicyConfig, policy_loss
 from dpg_lightning.dpg.rewards import DatasetReward
 from dpg_lightning.dpg.rollout import SamplingConfig, sample_rollout
@@ -289,10 +289,9 @@ def test_dual_clip_and_token_mean():
 
 
 def test_minibatches_by_prompts_keep_a_prompts_samples_together():
-    module = SimpleNamespace(policy=PolicyConfig(minibatch_prompts=2),
-                             sampling=SamplingConfig(samples_per_prompt=4), device="cpu")
-    count = DPGModule._minibatch_count(module, 5 * 4)
-    batches = DPGModule._minibatches(module, 5 * 4, count)
+    policy = PolicyConfig(minibatch_prompts=2)
+    count = minibatch_count(policy, 4, 5 * 4)
+    batches = minibatch_rows(policy, 4, 5 * 4, count)
     assert count == 3 and [len(b) for b in batches] == [8, 8, 4]
     assert sorted(torch.cat(batches).tolist()) == list(range(20))
     for rows in batches:

@@ -11,8 +11,10 @@ from torch import Tensor, nn
 from dpg_lightning.data.tokenization import TokenRows
 from dpg_lightning.inner.attribution import metagradient_rewards
 from dpg_lightning.inner.config import InnerConfig
+from dpg_lightning.inner.first_order import first_order_rewards
 from dpg_lightning.inner.metric import MetricFn
 from dpg_lightning.inner.sft import run_sft
+from dpg_lightning.inner.shared_sft import RankOrder
 
 
 def plain_phi(
@@ -36,4 +38,17 @@ def exact_rewards(
     order: list[Tensor],
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """The exact DPG rewards ``dPhi/deps_i`` at ``eps = 1``: ``(rewards, Phi, losses)``."""
-    return metagradient_rewards(target, data, metric, cfg, order)
+    out = metagradient_rewards(target, data, metric, cfg, RankOrder(order))
+    return out.rewards, out.phi, out.losses
+
+
+def first_order(
+    target: nn.Module,
+    data: TokenRows,
+    metric: MetricFn,
+    cfg: InnerConfig,
+    order: list[Tensor],
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """The first-order rewards (``backend: first_order``): ``(rewards, Phi, losses)``."""
+    out = first_order_rewards(target, data, metric, cfg, RankOrder(order))
+    return out.rewards, out.phi, out.losses

@@ -2,7 +2,9 @@
 
 ``dpg``: the exact metagradient ``r_i = dPhi/deps_i`` at ``eps = 1``, either by one backward
 through the unrolled SFT (``higher``/``func``) or step by step (``replay``, memory flat in the
-inner steps). ``dataset``: the naive baseline, every example gets ``Phi(SFT(D))``.
+inner steps). ``first_order`` is a cheaper approximation that drops the SFT's second-order
+terms (:mod:`dpg_lightning.inner.first_order`). ``dataset``: the naive baseline, every
+example gets ``Phi(SFT(D))``.
 
 All share one signature, ``(target, data, phi, inner, order, progress) -> Attribution``
 (:data:`~dpg_lightning.inner.attribution_result.Attribute`), so callers never adapt them.
@@ -18,6 +20,7 @@ from torch import nn
 from dpg_lightning.data.tokenization import TokenRows
 from dpg_lightning.inner.attribution_result import Attribution
 from dpg_lightning.inner.config import InnerConfig
+from dpg_lightning.inner.first_order import first_order_rewards
 from dpg_lightning.inner.metric import MetricFn
 from dpg_lightning.inner.replay import replay_rewards
 from dpg_lightning.inner.sft import run_sft
@@ -41,6 +44,8 @@ def metagradient_rewards(
     """
     if cfg.backend == "replay":
         return replay_rewards(target, data, phi, cfg, order, progress)
+    if cfg.backend == "first_order":
+        return first_order_rewards(target, data, phi, cfg, order, progress)
     grad_reduce = order.grad_reduce
     start = time.perf_counter()
     eps = torch.ones(

@@ -17,7 +17,7 @@ from dpg_lightning.data.tokenization import TokenRows, tokenize_examples
 from dpg_lightning.inner.optim import InnerOptimConfig
 from dpg_lightning.inner.steps import LossRule
 
-Backend = Literal["higher", "func", "replay"]
+Backend = Literal["higher", "func", "replay", "first_order"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 

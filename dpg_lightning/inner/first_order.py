@@ -36,9 +36,11 @@ from torch import Tensor, nn
 
 from dpg_lightning.common.errors import ConfigError
 from dpg_lightning.data.tokenization import TokenRows
+from dpg_lightning.inner.attribution_result import Attribution
 from dpg_lightning.inner.config import InnerConfig
 from dpg_lightning.inner.metric import MetricFn, MetricOnTarget
 from dpg_lightning.inner.optim import init_state, optimizer_step_, update_vjp
+from dpg_lightning.inner.shared_sft import RankOrder
 from dpg_lightning.inner.steps import (
     LossRule,
     Progress,
@@ -56,20 +58,21 @@ def first_order_rewards(
     data: TokenRows,
     phi: MetricFn,
     cfg: InnerConfig,
-    order: list[Tensor],
-    times: dict[str, float] | None = None,
+    ranked: RankOrder,
     progress: Progress | None = None,
-) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """First-order rewards ``sum_t <a_t, grad l_i(theta_t)> / divisor_t``; returns
-    ``(rewards, Phi, losses)`` like ``metagradient_rewards``.
+) -> Attribution:
+    """First-order rewards ``sum_t <a_t, grad l_i(theta_t)> / divisor_t``, with the signature
+    and result of every attribution (``backend: first_order``).
 
-    ``times`` (if given) receives the seconds of the first SFT (``inner_sft``) and of the replay
-    with its JVPs (``attribution``). The target's weights are never modified.
+    Its seconds are the first SFT's (``inner_sft``) and the replay's with its JVPs
+    (``attribution``). The target's weights are never modified.
     """
+    order = ranked.batches
     if cfg.autocast != "none":
         raise ConfigError("first-order rewards run without `model.inner.autocast`; set `none`")
-    if any(bool((idx < 0).any()) for idx in order):
-        raise ConfigError("first-order rewards do not support a shared SFT across ranks")
+    if ranked.grad_reduce is not None or any(bool((idx < 0).any()) for idx in order):
+        raise ConfigError("`inner.backend: first_order` has no shared SFT across ranks; use "
+                          "`distributed: independent` or an exact backend", "inner.backend")
     names = trainable_names(target, cfg.train_params)
     rule = cfg.loss_rule()
     start = time.perf_counter()
@@ -104,10 +107,8 @@ def first_order_rewards(
         state = optimizer_step_(params, grads, state, cfg.optim)
         if progress is not None:
             progress("attribution", t + 1, len(order))
-    if times is not None:
-        times["inner_sft"] = middle - start
-        times["attribution"] = time.perf_counter() - middle
-    return rewards, value, losses
+    seconds = {"inner_sft": middle - start, "attribution": time.perf_counter() - middle}
+    return Attribution(rewards, value, losses, seconds)
 
 
 def _plain_sft(
