@@ -16,7 +16,8 @@ from benchmarks import harness
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ["benchmarks.dpg_step", "benchmarks.knobs", "benchmarks.metagrad_cost",
            "benchmarks.micro_batch_memory", "benchmarks.plan_check", "benchmarks.rehearsal",
-           "studies.compare", "studies.qr_oracle", "studies.uuid_reward_probe"]
+           "studies.compare", "studies.qr_oracle", "studies.reward_fidelity",
+           "studies.uuid_reward_probe"]
 
 
 def test_every_script_is_listed():
