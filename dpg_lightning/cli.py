@@ -23,6 +23,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
+from dpg_lightning.cli_errors import DPGArgumentParser, check_trainer_flags
 from dpg_lightning.common.errors import RunError
 from dpg_lightning.common.settings import check_init_settings
 from dpg_lightning.datamodule import PromptDataModule
@@ -77,6 +78,7 @@ class DPGCLI(LightningCLI):
         its own fields, and the parser's own instantiation does not say where it failed."""
         sub = self.config.get("subcommand")
         config = self.config[sub] if sub else self.config
+        check_trainer_flags(config.get("trainer"))
         check_init_settings(self.model_class, config.get("model"), "model")
         check_init_settings(self.datamodule_class, config.get("data"), "data")
         check_run(config.as_dict())
@@ -152,6 +154,9 @@ def lightning_main(args: list[str] | None = None) -> DPGCLI:
             "max_steps": 20,
         },
         save_config_kwargs={"overwrite": True},
+        # the generator's optimizer is `model.policy`'s: no --optimizer / --lr_scheduler
+        auto_configure_optimizers=False,
+        parser_class=DPGArgumentParser,
         args=args,
     ))
     close_process_group()
