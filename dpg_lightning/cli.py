@@ -14,6 +14,7 @@ non-zero (:func:`exit_on_run_error`); a run stopped by SIGTERM/SIGINT exits ``12
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from dpg_lightning.cli_errors import DPGArgumentParser, check_trainer_flags
-from dpg_lightning.common.errors import RunError
+from dpg_lightning.common.errors import ConfigError, RunError
 from dpg_lightning.common.settings import check_init_settings
 from dpg_lightning.datamodule import PromptDataModule
 from dpg_lightning.inner.shared_sft import close_process_group
@@ -83,6 +84,21 @@ class DPGCLI(LightningCLI):
         check_init_settings(self.datamodule_class, config.get("data"), "data")
         check_run(config.as_dict())
 
+    def instantiate_classes(self) -> None:
+        """Build the classes; a config error raised inside the model with keys relative to it
+        (``metric``, from :func:`~dpg_lightning.metrics.base.check_metric`) gets its place
+        (``model.metric``): the first key names a parameter of the model and none of the
+        data module, so it cannot be the data module's."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            known = run_error(err)
+            if isinstance(known, ConfigError) and known.key:
+                head = known.key.split(".")[0]
+                if head in _parameters(self.model_class) - _parameters(self.datamodule_class):
+                    raise known.at("model") from None
+            raise
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Write checkpoints atomically unless the config brings its own checkpoint IO."""
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
@@ -114,6 +130,11 @@ class DPGCLI(LightningCLI):
 
 
 T = TypeVar("T")
+
+
+def _parameters(cls: Any) -> set[str]:
+    """The ``__init__`` parameter names of ``cls`` (none for ``None``)."""
+    return set(inspect.signature(cls.__init__).parameters) - {"self"} if cls else set()
 
 
 def run_error(err: BaseException) -> RunError | None:

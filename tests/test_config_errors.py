@@ -17,7 +17,11 @@ import pytest
 
 from dpg_lightning import module
 from dpg_lightning.cli import main
+from dpg_lightning.common.errors import ConfigError
+from dpg_lightning.inner.steps import trainable_names
+from dpg_lightning.metrics.base import check_metric
 from dpg_lightning.run import preflight
+from tests.helpers import tiny, tiny_fit_args
 
 CONFIG = "configs/tiny/l2_norm.yaml"
 ROOT = Path(__file__).resolve().parents[1]
@@ -189,3 +193,29 @@ def test_a_typo_is_one_line_for_the_user():
     lines = [line for line in bad.stderr.splitlines() if line.strip()]
     assert lines == ["error: `model.inner.optim.nmae` is not a setting (given '1'); "
                      "did you mean `model.inner.optim.name`?"], bad.stderr[-3000:]
+
+
+def test_a_metric_without_gradient_path_is_a_config_error(capsys, tmp_path):
+    """check_metric runs once the models exist: its refusal is still one line naming
+    `model.metric` (and the fix, `model.inner.train_params`), status 2, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, *tiny_fit_args(root=tmp_path),
+              "--model.inner.train_params=ln_f"])  # LMHeadL2Norm reads the (frozen) LM head
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: `model.metric` (LMHeadL2Norm) has no gradient path"), err
+    assert "`model.inner.train_params: all`" in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("phi, words", [
+    (lambda t: t.lm_head.weight.sum(1), "scalar"),
+    (lambda t: t.lm_head.weight.detach().sum(), "no gradient path"),
+    (lambda t: t.lm_head.weight.sum() * float("nan"), "finite"),
+])
+def test_check_metric_names_the_key(phi, words):
+    target = tiny("gpt2")
+    with pytest.raises(ConfigError, match=words) as info:
+        check_metric(phi, target, trainable_names(target, "all"))
+    assert info.value.key == "metric" and info.value.exit_code == 2
+    assert str(info.value.at("model")).startswith("`model.metric`")
