@@ -15,7 +15,9 @@ non-zero (:func:`exit_on_run_error`); a run stopped by SIGTERM/SIGINT exits ``12
 from __future__ import annotations
 
 import inspect
+import logging
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +25,7 @@ from typing import Any, TypeVar
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 
 from dpg_lightning.cli_errors import DPGArgumentParser, check_trainer_flags
 from dpg_lightning.common.errors import ConfigError, RunError
@@ -100,12 +103,15 @@ class DPGCLI(LightningCLI):
             raise
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Write checkpoints atomically unless the config brings its own checkpoint IO."""
+        """Write checkpoints atomically unless the config brings its own checkpoint IO, and
+        keep W&B's files in the run directory (:func:`wandb_into_run_dir`)."""
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        wandb_into_run_dir(trainer)
+        return trainer
 
     def after_fit(self) -> None:
         """Say where the run's outputs are (only files that exist)."""
@@ -130,6 +136,49 @@ class DPGCLI(LightningCLI):
 
 
 T = TypeVar("T")
+
+
+def wandb_into_run_dir(trainer: Trainer) -> None:
+    """A W&B logger whose config sets no ``save_dir``/``dir`` writes into the run directory
+    (``trainer.log_dir``: the first logger's version directory), with the metrics, samples
+    and checkpoints, not into ``./wandb`` of wherever the command was started. W&B starts
+    lazily, at the first log, so its directory can still be chosen here. Lightning's default
+    ``save_dir`` is ``"."`` (the parsed config holds it too), so ``"."`` counts as unset."""
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)
+               and lg._experiment is None and lg._wandb_init.get("dir") in (None, ".")]
+    if not loggers:
+        return
+    run_dir = trainer.log_dir or trainer.default_root_dir
+    for logger in loggers:
+        logger._wandb_init["dir"] = logger._save_dir = run_dir
+    if trainer.is_global_zero:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+
+
+#: Lightning's messages that say nothing about a DPG run: the models are in eval mode on
+#: purpose (no dropout in rollouts or the inner SFT), and the rest are Lightning's own.
+LIGHTNING_NOISE = (
+    r"Found \d+ module\(s\) in eval mode",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+def quiet_lightning() -> None:
+    """Hide :data:`LIGHTNING_NOISE` and Lightning's litlogger advert, for this command only
+    (the filters are installed where the CLI starts, not for library users or tests)."""
+    for pattern in LIGHTNING_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoLitloggerTip) for f in logger.filters):
+            logger.addFilter(_NoLitloggerTip())
+
+
+class _NoLitloggerTip(logging.Filter):
+    """Drops Lightning's "install litlogger" tip (a log record, not a warning)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
 
 
 def _parameters(cls: Any) -> set[str]:
@@ -164,6 +213,7 @@ def exit_on_run_error(command: Callable[[], T]) -> T:
 
 def lightning_main(args: list[str] | None = None) -> DPGCLI:
     """``fit`` / ``validate`` through LightningCLI (``args=None`` reads ``sys.argv``)."""
+    quiet_lightning()
     cli = exit_on_run_error(lambda: DPGCLI(
         DPGModule,
         PromptDataModule,
