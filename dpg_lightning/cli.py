@@ -27,7 +27,12 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
-from dpg_lightning.cli_errors import DPGArgumentParser, check_trainer_flags
+from dpg_lightning.cli_errors import (
+    DPGArgumentParser,
+    add_replaced_flags,
+    check_replaced_flags,
+    check_trainer_flags,
+)
 from dpg_lightning.common.errors import ConfigError, RunError
 from dpg_lightning.common.settings import check_init_settings
 from dpg_lightning.datamodule import PromptDataModule
@@ -60,6 +65,11 @@ class DPGCLI(LightningCLI):
             "validate": {"model", "dataloaders", "datamodule"},
         }
 
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """``optimizer``/``lr_scheduler`` only as ``null`` (the generator's optimizer is
+        ``model.policy``'s; see :mod:`dpg_lightning.cli_errors`)."""
+        add_replaced_flags(parser)
+
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path`` (``last``: the run's newest readable checkpoint) and the
         run directory, then refuse a checkpoint of another model instead of silently
@@ -82,6 +92,7 @@ class DPGCLI(LightningCLI):
         its own fields, and the parser's own instantiation does not say where it failed."""
         sub = self.config.get("subcommand")
         config = self.config[sub] if sub else self.config
+        check_replaced_flags(config)
         check_trainer_flags(config.get("trainer"))
         check_init_settings(self.model_class, config.get("model"), "model")
         check_init_settings(self.datamodule_class, config.get("data"), "data")

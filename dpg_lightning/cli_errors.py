@@ -173,8 +173,9 @@ def unknown_key(key: str, value: str, class_paths: dict[str, str] | None = None,
                 parser: ArgumentParser | None = None) -> ConfigError:
     """A key that is no setting: what exists next to it, or what replaced it."""
     given = f" (given {value!r})" if value else ""
-    if key in REPLACED:
-        return ConfigError(f"`{key}` is not a DPG setting{given}: {REPLACED[key]}", key)
+    if key.split(".")[0] in REPLACED:
+        fix = REPLACED[key.split(".")[0]]
+        return ConfigError(f"`{key}` is not a DPG setting{given}: {fix}", key)
     parent, _, name = key.rpartition(".")
     options = children(parent, class_paths or {}, parser)
     guess = did_you_mean(name, options)
@@ -292,6 +293,27 @@ def _example_class(key: str, parser: ArgumentParser | None, given: str = "") -> 
     concrete = sorted(found - {f"{b.__module__}.{b.__qualname__}" for b in bases}) or sorted(found)
     return f"`{did_you_mean(given, concrete) or concrete[0]}`" if concrete else (
         "`package.module.Class`")
+
+
+# ---------------------------------------------------------------- Lightning's flags
+
+
+def add_replaced_flags(parser: ArgumentParser) -> None:
+    """``optimizer``/``lr_scheduler`` as keys that take only ``null``: the config.yaml that
+    earlier runs saved holds ``optimizer: null`` and must still load (a value is refused by
+    :func:`check_replaced_flags`, once parsed)."""
+    for key in REPLACED:
+        parser.add_argument(f"--{key}", type=Any, default=None, help=f"not used: {REPLACED[key]}")
+
+
+def check_replaced_flags(config: Any) -> None:
+    """Refuse a value for a flag of :data:`REPLACED` (a DPG run would ignore it)."""
+    for key, fix in REPLACED.items():
+        value, name = config.get(key), key
+        if hasattr(value, "key") and hasattr(value, "val"):  # --optimizer.lr=0.1
+            value, name = value.val, f"{key}.{value.key}"
+        if value is not None:
+            raise ConfigError(f"`{name}` is not a DPG setting (given {value!r}): {fix}", name)
 
 
 # ---------------------------------------------------------------- Trainer flags

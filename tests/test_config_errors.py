@@ -154,6 +154,8 @@ PARSER_CASES = [
     (["--optimizer=AdamW"], ["`optimizer`", "`model.policy.lr`", "`model.policy.weight_decay`"],
      None),
     (["--lr_scheduler", "StepLR"], ["`lr_scheduler`", "`model.policy"], None),
+    (["--optimizer.lr=0.1"], ["`optimizer.lr`", "`model.policy.lr`"], None),
+    (["--config={opt_yaml}"], ["`optimizer`", "torch.optim.Adam"], None),
     (["--trainer.gradient_clip_val=0.5"], ["`trainer.gradient_clip_val`", "0.5",
                                            "`model.policy.max_grad_norm`"], None),
     (["--trainer.accumulate_grad_batches=4"], ["`trainer.accumulate_grad_batches`", "4"], None),
@@ -167,7 +169,9 @@ def test_parser_errors_are_one_line(overrides, words, guess, no_models, capsys, 
     and the fix (no usage, no Union report), exit 2, like the project's own checks."""
     yaml_file = tmp_path / "bad.yaml"
     yaml_file.write_text("model:\n  inner:\n    optim:\n      nmae: 1\n")
-    err = _fails(capsys, *(o.format(yaml=yaml_file) for o in overrides))
+    opt_yaml = tmp_path / "opt.yaml"
+    opt_yaml.write_text("optimizer:\n  class_path: torch.optim.Adam\n")
+    err = _fails(capsys, *(o.format(yaml=yaml_file, opt_yaml=opt_yaml) for o in overrides))
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert "Union" not in err and "usage" not in err
     for word in words:
@@ -219,3 +223,14 @@ def test_check_metric_names_the_key(phi, words):
         check_metric(phi, target, trainable_names(target, "all"))
     assert info.value.key == "metric" and info.value.exit_code == 2
     assert str(info.value.at("model")).startswith("`model.metric`")
+
+
+def test_a_saved_config_with_null_optimizer_still_loads(capsys, tmp_path):
+    """Runs saved ``optimizer: null`` / ``lr_scheduler: null`` in their config.yaml: resuming
+    from it must not trip the refusal of a real optimizer."""
+    saved = tmp_path / "config.yaml"
+    saved.write_text("optimizer: null\nlr_scheduler: null\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, "--config", str(saved), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "model:" in capsys.readouterr().out
