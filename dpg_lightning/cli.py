@@ -57,6 +57,14 @@ COMMANDS = {
 class DPGCLI(LightningCLI):
     """LightningCLI for DPG: one run directory, atomic checkpoints, a summary at the end."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """LightningCLI with one-line config errors (:class:`DPGArgumentParser`) and without
+        ``--optimizer``/``--lr_scheduler``: the generator's optimizer is ``model.policy``'s
+        (the module optimizes manually), LightningCLI's would silently replace it."""
+        kwargs.setdefault("parser_class", DPGArgumentParser)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """Only the trainer functions a DPG module implements."""
@@ -68,7 +76,8 @@ class DPGCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: Any) -> None:
         """``optimizer``/``lr_scheduler`` only as ``null`` (the generator's optimizer is
         ``model.policy``'s; see :mod:`dpg_lightning.cli_errors`)."""
-        add_replaced_flags(parser)
+        if not self.auto_configure_optimizers:
+            add_replaced_flags(parser)
 
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path`` (``last``: the run's newest readable checkpoint) and the
@@ -236,9 +245,6 @@ def lightning_main(args: list[str] | None = None) -> DPGCLI:
             "max_steps": 20,
         },
         save_config_kwargs={"overwrite": True},
-        # the generator's optimizer is `model.policy`'s: no --optimizer / --lr_scheduler
-        auto_configure_optimizers=False,
-        parser_class=DPGArgumentParser,
         args=args,
     ))
     close_process_group()
