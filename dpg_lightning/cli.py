@@ -14,15 +14,25 @@ non-zero (:func:`exit_on_run_error`); a run stopped by SIGTERM/SIGINT exits ``12
 
 from __future__ import annotations
 
+import inspect
+import logging
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 
-from dpg_lightning.common.errors import RunError
+from dpg_lightning.cli_errors import (
+    DPGArgumentParser,
+    add_replaced_flags,
+    check_replaced_flags,
+    check_trainer_flags,
+)
+from dpg_lightning.common.errors import ConfigError, RunError
 from dpg_lightning.common.settings import check_init_settings
 from dpg_lightning.datamodule import PromptDataModule
 from dpg_lightning.inner.shared_sft import close_process_group
@@ -47,6 +57,14 @@ COMMANDS = {
 class DPGCLI(LightningCLI):
     """LightningCLI for DPG: one run directory, atomic checkpoints, config checks first."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """LightningCLI with one-line config errors (:class:`DPGArgumentParser`) and without
+        ``--optimizer``/``--lr_scheduler``: the generator's optimizer is ``model.policy``'s
+        (the module optimizes manually), LightningCLI's would silently replace it."""
+        kwargs.setdefault("parser_class", DPGArgumentParser)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(*args, **kwargs)
+
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         """Only the trainer functions a DPG module implements."""
@@ -54,6 +72,12 @@ class DPGCLI(LightningCLI):
             "fit": {"model", "train_dataloaders", "val_dataloaders", "datamodule"},
             "validate": {"model", "dataloaders", "datamodule"},
         }
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        """``optimizer``/``lr_scheduler`` only as ``null`` (the generator's optimizer is
+        ``model.policy``'s; see :mod:`dpg_lightning.cli_errors`)."""
+        if not self.auto_configure_optimizers:
+            add_replaced_flags(parser)
 
     def _parse_ckpt_path(self) -> None:
         """Resolve ``--ckpt_path`` (``last``: the run's newest readable checkpoint) and the
@@ -77,20 +101,88 @@ class DPGCLI(LightningCLI):
         its own fields, and the parser's own instantiation does not say where it failed."""
         sub = self.config.get("subcommand")
         config = self.config[sub] if sub else self.config
+        check_replaced_flags(config)
+        check_trainer_flags(config.get("trainer"))
         check_init_settings(self.model_class, config.get("model"), "model")
         check_init_settings(self.datamodule_class, config.get("data"), "data")
         check_run(config.as_dict())
 
+    def instantiate_classes(self) -> None:
+        """Build the classes; a config error raised inside the model with keys relative to it
+        (``metric``, from :func:`~dpg_lightning.metrics.base.check_metric`) gets its place
+        (``model.metric``): the first key names a parameter of the model and none of the
+        data module, so it cannot be the data module's."""
+        try:
+            super().instantiate_classes()
+        except Exception as err:
+            known = run_error(err)
+            if isinstance(known, ConfigError) and known.key:
+                head = known.key.split(".")[0]
+                if head in _parameters(self.model_class) - _parameters(self.datamodule_class):
+                    raise known.at("model") from None
+            raise
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """Write checkpoints atomically unless the config brings its own checkpoint IO."""
+        """Write checkpoints atomically unless the config brings its own checkpoint IO, and
+        keep W&B's files in the run directory (:func:`wandb_into_run_dir`)."""
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        wandb_into_run_dir(trainer)
+        return trainer
 
 
 T = TypeVar("T")
+
+
+def wandb_into_run_dir(trainer: Trainer) -> None:
+    """A W&B logger whose config sets no ``save_dir``/``dir`` writes into the run directory
+    (``trainer.log_dir``: the first logger's version directory), with the metrics, samples
+    and checkpoints, not into ``./wandb`` of wherever the command was started. W&B starts
+    lazily, at the first log, so its directory can still be chosen here. Lightning's default
+    ``save_dir`` is ``"."`` (the parsed config holds it too), so ``"."`` counts as unset."""
+    loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)
+               and lg._experiment is None and lg._wandb_init.get("dir") in (None, ".")]
+    if not loggers:
+        return
+    run_dir = trainer.log_dir or trainer.default_root_dir
+    for logger in loggers:
+        logger._wandb_init["dir"] = logger._save_dir = run_dir
+    if trainer.is_global_zero:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+
+
+#: Lightning's messages that say nothing about a DPG run: the models are in eval mode on
+#: purpose (no dropout in rollouts or the inner SFT), and the rest are Lightning's own.
+LIGHTNING_NOISE = (
+    r"Found \d+ module\(s\) in eval mode",
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+)
+
+
+def quiet_lightning() -> None:
+    """Hide :data:`LIGHTNING_NOISE` and Lightning's litlogger advert, for this command only
+    (the filters are installed where the CLI starts, not for library users or tests)."""
+    for pattern in LIGHTNING_NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoLitloggerTip) for f in logger.filters):
+            logger.addFilter(_NoLitloggerTip())
+
+
+class _NoLitloggerTip(logging.Filter):
+    """Drops Lightning's "install litlogger" tip (a log record, not a warning)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in str(record.msg)
+
+
+def _parameters(cls: Any) -> set[str]:
+    """The ``__init__`` parameter names of ``cls`` (none for ``None``)."""
+    return set(inspect.signature(cls.__init__).parameters) - {"self"} if cls else set()
 
 
 def run_error(err: BaseException) -> RunError | None:
@@ -120,6 +212,7 @@ def exit_on_run_error(command: Callable[[], T]) -> T:
 
 def lightning_main(args: list[str] | None = None) -> DPGCLI:
     """``fit`` / ``validate`` through LightningCLI (``args=None`` reads ``sys.argv``)."""
+    quiet_lightning()
     cli = exit_on_run_error(lambda: DPGCLI(
         DPGModule,
         PromptDataModule,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,41 @@ def test_nonfinite_rewards_skip_the_update_and_training_goes_on(tmp_path, monkey
     rows = list(csv.DictReader(next(tmp_path.rglob("metrics.csv")).open()))
     skipped = [r["step"] for r in rows if r.get("train/skipped_nonfinite")]
     assert skipped == ["0", "1"], rows
+
+
+@pytest.mark.slow
+def test_a_fit_opens_without_lightning_noise(tmp_path):
+    """Lightning's messages about things a DPG run does on purpose (models in eval mode) or
+    that are Lightning's own business (litlogger, its internal deprecations) stay out of
+    stderr; the filters are the CLI's, so the subprocess sees what a user sees."""
+    cmd = [sys.executable, "-m", "dpg_lightning", "fit", "--config", CONFIG,
+           *tiny_fit_args("--trainer.max_steps=1", "--trainer.val_check_interval=1",
+                          root=tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": ""})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for noise in ("in eval mode", "litlogger", "LeafSpec"):
+        assert noise not in proc.stderr, (noise, proc.stderr)
+
+
+def test_wandb_writes_into_the_run_directory(tmp_path, monkeypatch):
+    """A WandbLogger whose config sets no save_dir logs into the run directory, not ./wandb
+    of wherever the command started (checked on the built trainer: W&B starts lazily)."""
+    pytest.importorskip("wandb")
+    import dpg_lightning.cli as cli_module
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    seen = {}
+
+    def stop(self, subcommand):  # the classes are built; the fit itself is not needed
+        seen["trainer"] = self.trainer
+
+    monkeypatch.setattr(cli_module.DPGCLI, "_run_subcommand", stop)
+    main(["fit", "--config", CONFIG, *tiny_fit_args(root=tmp_path),
+          "--trainer.logger+=lightning.pytorch.loggers.WandbLogger",
+          "--trainer.logger.offline=true"])
+    trainer = seen["trainer"]
+    wandb_logger = next(lg for lg in trainer.loggers if type(lg).__name__ == "WandbLogger")
+    assert wandb_logger.save_dir == trainer.log_dir
+    assert Path(trainer.log_dir).is_relative_to(tmp_path)
+    assert wandb_logger._wandb_init["dir"] == trainer.log_dir

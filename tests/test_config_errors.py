@@ -17,7 +17,11 @@ import pytest
 
 from dpg_lightning import module
 from dpg_lightning.cli import main
+from dpg_lightning.common.errors import ConfigError
+from dpg_lightning.inner.steps import trainable_names
+from dpg_lightning.metrics.base import check_metric
 from dpg_lightning.run import preflight
+from tests.helpers import tiny, tiny_fit_args
 
 CONFIG = "configs/tiny/l2_norm.yaml"
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,3 +133,104 @@ def test_the_cli_prefixes_a_dataclass_error_with_its_place(override, key, no_mod
     err = _fails(capsys, override)
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
     assert f"`{key}" in err, err
+
+
+PARSER_CASES = [
+    # jsonargparse's own errors, said as the project's: (overrides, the words, did-you-mean)
+    (["--model.inner.optim.nmae=1"], ["`model.inner.optim.nmae`", "'1'"],
+     "`model.inner.optim.name`"),
+    (["--model.inner.batch_size=abc"], ["`model.inner.batch_size`", "'abc'", "int"], None),
+    (["--model.metric.class_path=nope.Nope"], ["`model.metric.class_path`", "nope.Nope",
+                                               "LMHeadL2Norm"], None),
+    (["--model.inner.backend=hihger"], ["`model.inner.backend`", "'hihger'", "func"],
+     "`higher`"),
+    (["--model.reward=dpgg"], ["`model.reward`", "'dpgg'", "dataset"], "`dpg`"),
+    (["--trainer.max_stepz=3"], ["`trainer.max_stepz`"], "`trainer.max_steps`"),
+    (["--model.nmae=1"], ["`model.nmae`", "metric", "policy"], None),
+    (["--model.metric.init_args.foo=1"], ["`model.metric.foo`", "LMHeadL2Norm"], None),
+    (["--model.inner=3"], ["`model.inner`", "batch_size"], None),
+    (["--config={yaml}"], ["`model.inner.optim.nmae`"], "`model.inner.optim.name`"),
+    # Lightning's flags that a DPG run does not use
+    (["--optimizer=AdamW"], ["`optimizer`", "`model.policy.lr`", "`model.policy.weight_decay`"],
+     None),
+    (["--lr_scheduler", "StepLR"], ["`lr_scheduler`", "`model.policy"], None),
+    (["--optimizer.lr=0.1"], ["`optimizer.lr`", "`model.policy.lr`"], None),
+    (["--config={opt_yaml}"], ["`optimizer`", "torch.optim.Adam"], None),
+    (["--trainer.gradient_clip_val=0.5"], ["`trainer.gradient_clip_val`", "0.5",
+                                           "`model.policy.max_grad_norm`"], None),
+    (["--trainer.accumulate_grad_batches=4"], ["`trainer.accumulate_grad_batches`", "4"], None),
+]
+
+
+@pytest.mark.parametrize("overrides, words, guess", PARSER_CASES,
+                         ids=[c[0][0] for c in PARSER_CASES])
+def test_parser_errors_are_one_line(overrides, words, guess, no_models, capsys, tmp_path):
+    """A typo'd key, a wrong type, an unknown choice or class: one line with the key, the value
+    and the fix (no usage, no Union report), exit 2, like the project's own checks."""
+    yaml_file = tmp_path / "bad.yaml"
+    yaml_file.write_text("model:\n  inner:\n    optim:\n      nmae: 1\n")
+    opt_yaml = tmp_path / "opt.yaml"
+    opt_yaml.write_text("optimizer:\n  class_path: torch.optim.Adam\n")
+    err = _fails(capsys, *(o.format(yaml=yaml_file, opt_yaml=opt_yaml) for o in overrides))
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert "Union" not in err and "usage" not in err
+    for word in words:
+        assert word in err, (word, err)
+    if guess:
+        assert f"did you mean {guess}?" in err, err
+
+
+def test_help_still_prints_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--help"])
+    assert exit_info.value.code == 0
+    assert "--model.inner" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_typo_is_one_line_for_the_user():
+    """The real command: jsonargparse's error for a typo'd nested key is one line, status 2."""
+    bad = subprocess.run(
+        [sys.executable, "-m", "dpg_lightning", "fit", "--config", CONFIG,
+         "--model.inner.optim.nmae=1"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    lines = [line for line in bad.stderr.splitlines() if line.strip()]
+    assert lines == ["error: `model.inner.optim.nmae` is not a setting (given '1'); "
+                     "did you mean `model.inner.optim.name`?"], bad.stderr[-3000:]
+
+
+def test_a_metric_without_gradient_path_is_a_config_error(capsys, tmp_path):
+    """check_metric runs once the models exist: its refusal is still one line naming
+    `model.metric` (and the fix, `model.inner.train_params`), status 2, no traceback."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, *tiny_fit_args(root=tmp_path),
+              "--model.inner.train_params=ln_f"])  # LMHeadL2Norm reads the (frozen) LM head
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: `model.metric` (LMHeadL2Norm) has no gradient path"), err
+    assert "`model.inner.train_params: all`" in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+@pytest.mark.parametrize("phi, words", [
+    (lambda t: t.lm_head.weight.sum(1), "scalar"),
+    (lambda t: t.lm_head.weight.detach().sum(), "no gradient path"),
+    (lambda t: t.lm_head.weight.sum() * float("nan"), "finite"),
+])
+def test_check_metric_names_the_key(phi, words):
+    target = tiny("gpt2")
+    with pytest.raises(ConfigError, match=words) as info:
+        check_metric(phi, target, trainable_names(target, "all"))
+    assert info.value.key == "metric" and info.value.exit_code == 2
+    assert str(info.value.at("model")).startswith("`model.metric`")
+
+
+def test_a_saved_config_with_null_optimizer_still_loads(capsys, tmp_path):
+    """Runs saved ``optimizer: null`` / ``lr_scheduler: null`` in their config.yaml: resuming
+    from it must not trip the refusal of a real optimizer."""
+    saved = tmp_path / "config.yaml"
+    saved.write_text("optimizer: null\nlr_scheduler: null\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", CONFIG, "--config", str(saved), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "model:" in capsys.readouterr().out

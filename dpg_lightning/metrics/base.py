@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from dpg_lightning.common.errors import ConfigError
 from dpg_lightning.inner.metric import MetricOnTarget
 
 
@@ -46,7 +47,12 @@ class Metric:
 def check_metric(phi, target: nn.Module, trainable: list[str]) -> float:
     """Fail fast unless ``phi`` is a finite scalar with a gradient path to trained parameters.
 
-    Returns Phi of the initial target. Runs once at start-up, before any long work.
+    Returns Phi of the initial target. Runs once at start-up, before any long work. A metric
+    that cannot work is a mistake in the config, not a bug: the error is a
+    :class:`~dpg_lightning.common.errors.ConfigError` naming ``metric`` (and
+    ``inner.train_params`` where that is the fix), keys relative to the module's settings that
+    its caller places with :meth:`~dpg_lightning.common.errors.ConfigError.at`, so the CLI
+    prints one line and exits 2 instead of a traceback.
     """
     named = dict(target.named_parameters())
     params = {n: named[n].detach().requires_grad_() for n in trainable}
@@ -57,22 +63,25 @@ def check_metric(phi, target: nn.Module, trainable: list[str]) -> float:
     name = getattr(phi, "__name__", type(phi).__name__)
     if not isinstance(value, Tensor) or value.numel() != 1:
         shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-        raise ValueError(
-            f"metric {name} returned {shape}; it must return a scalar tensor "
-            "(reduce it, e.g. with .mean())"
+        raise ConfigError(
+            f"`metric` ({name}) returned {shape}; it must return a scalar tensor "
+            "(reduce it, e.g. with .mean())",
+            "metric",
         )
     if not torch.isfinite(value):
-        raise ValueError(
-            f"metric {name} is {value.item()} on the initial target; it must be finite"
+        raise ConfigError(
+            f"`metric` ({name}) is {value.item()} on the initial target; it must be finite",
+            "metric",
         )
     grads = []
     if value.requires_grad:
         grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
     if all(g is None for g in grads):
-        raise ValueError(
-            f"metric {name} has no gradient path to the trained target parameters "
+        raise ConfigError(
+            f"`metric` ({name}) has no gradient path to the trained target parameters "
             f"({len(trainable)} selected by `inner.train_params`): it reads only frozen weights "
             "or detaches them. Train the parameters it reads (e.g. `inner.train_params: all`) "
-            "and compute it from module attributes without .detach()/.item()"
+            "and compute it from module attributes without .detach()/.item()",
+            "metric", "inner.train_params",
         )
     return float(value.detach())
