@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 from torch import Tensor, nn
 
+from dpg_lightning.common.errors import ConfigError
 from dpg_lightning.metrics.base import Metric
 
 
@@ -80,9 +81,9 @@ class FunctionMetric(Metric):
         value = self.fn(target, **self.kwargs)
         if not isinstance(value, Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(
-                f"metric {self.path} returned {shape}; it must return a scalar tensor "
-                "(reduce it, e.g. with .mean())"
+            raise ConfigError(
+                f"`metric` {self.path} returned {shape}; it must return a scalar tensor "
+                "(reduce it, e.g. with .mean())", "metric",
             )
         return value.reshape(())
 
