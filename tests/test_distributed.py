@@ -251,7 +251,7 @@ def test_independent_mode_is_local():
     order = rank_order(8, 3, True, 0, "independent", WorldInfo(1, 4))
     assert order.grad_reduce is None and order.num_examples == 8
     assert sorted(torch.cat(order.batches).tolist()) == list(range(8))
-    with pytest.raises(ValueError, match="model.distributed.*shared | independent"):
+    with pytest.raises(ValueError, match="`distributed`.*shared | independent"):
         rank_order(8, 3, True, 0, "both", WorldInfo())  # type: ignore[arg-type]
 
 

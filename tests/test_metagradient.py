@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from dpg_lightning.common.errors import ConfigError
 from dpg_lightning.data.tokenization import tokenize_examples
 from dpg_lightning.inner import (
     InnerConfig,
@@ -20,6 +21,7 @@ from dpg_lightning.inner import (
     inner_order,
     metagradient_rewards,
 )
+from dpg_lightning.inner.set_size import SFTSet
 from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from tests.helpers import OPTIMS as ALL_OPTIMS
 from tests.helpers import TEXTS, finite_difference_rewards, tiny
@@ -70,5 +72,7 @@ def test_target_weights_are_never_modified(tokenizer):
 
 
 def test_inner_batch_larger_than_set_is_rejected():
-    with pytest.raises(ValueError, match="inner.batch_size"):
+    with pytest.raises(ValueError, match="an inner batch of 5 over 4 examples"):
         inner_order(4, 5, True, 0)
+    with pytest.raises(ConfigError, match="`inner.batch_size` is 5 .* 4 examples"):
+        SFTSet(2, 2).batch(5)

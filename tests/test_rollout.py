@@ -244,9 +244,9 @@ def test_sampling_with_the_chat_template(chat_tok):
 
 
 def test_chat_settings_the_tokenizer_cannot_honour(tok, chat_tok):
-    with pytest.raises(ConfigError, match=r"model\.sampling\.chat_template: on"):
+    with pytest.raises(ConfigError, match=r"`chat_template: on`"):
         uses_chat_template(tok, SamplingConfig(chat_template="on"))
-    with pytest.raises(ConfigError, match=r"model\.sampling\.system_prompt"):
+    with pytest.raises(ConfigError, match=r"`system_prompt`"):
         uses_chat_template(tok, SamplingConfig(system_prompt="Be brief."))
     assert not uses_chat_template(tok, SamplingConfig())  # auto, no template: raw prompts
     assert uses_chat_template(chat_tok, SamplingConfig(chat_template="on"))

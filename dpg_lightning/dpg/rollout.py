@@ -101,16 +101,17 @@ def uses_chat_template(tokenizer, cfg: SamplingConfig) -> bool:
     loaded, so the mistake shows before any training.
     """
     has_template = bool(getattr(tokenizer, "chat_template", None))
-    key = "model.sampling"
     if not has_template and cfg.chat_template == "on":
         raise ConfigError(
-            f"`{key}.chat_template: on` but the generator's tokenizer has no chat template; "
-            "use auto or off, or a generator/tokenizer that has one (an Instruct model's)"
+            "`chat_template: on` but the generator's tokenizer has no chat template; "
+            "use auto or off, or a generator/tokenizer that has one (an Instruct model's)",
+            "chat_template",
         )
     if not has_template and cfg.system_prompt is not None:
         raise ConfigError(
-            f"`{key}.system_prompt` is set but the generator's tokenizer has no chat template "
-            "to put it in; remove system_prompt, or use a tokenizer with a chat template"
+            "`system_prompt` is set but the generator's tokenizer has no chat template "
+            "to put it in; remove system_prompt, or use a tokenizer with a chat template",
+            "system_prompt",
         )
     return has_template and cfg.chat_template != "off"
 

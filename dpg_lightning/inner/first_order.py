@@ -69,7 +69,8 @@ def first_order_rewards(
     """
     order = ranked.batches
     if cfg.autocast != "none":
-        raise ConfigError("first-order rewards run without `model.inner.autocast`; set `none`")
+        raise ConfigError("`inner.backend: first_order` runs without `inner.autocast`; set "
+                          "`inner.autocast: none`", "inner.autocast")
     if ranked.grad_reduce is not None or any(bool((idx < 0).any()) for idx in order):
         raise ConfigError("`inner.backend: first_order` has no shared SFT across ranks; use "
                           "`distributed: independent` or an exact backend", "inner.backend")

@@ -93,17 +93,19 @@ def check_replay_storage(cfg: InnerConfig, target: nn.Module, n_steps: int) -> i
                 pass
         except OSError as err:
             raise ConfigError(
-                f"`model.inner.replay.directory: {directory}` is not writable ({err}); the replay "
+                f"`inner.replay.directory: {directory}` is not writable ({err}); the replay "
                 f"backend needs about {_human(stored)} there for {what}. Choose a writable "
-                "directory or `model.inner.replay.storage: cpu`"
+                "directory or `inner.replay.storage: cpu`", "inner.replay.directory",
+                "inner.replay.storage",
             ) from err
         free = shutil.disk_usage(directory).free
         needed = int(stored * 1.01) + 65536  # raw files: tensor bytes only, plus a margin
         if free < needed:
             raise ConfigError(
-                f"`model.inner.replay.directory: {directory}` has {_human(free)} free but the "
+                f"`inner.replay.directory: {directory}` has {_human(free)} free but the "
                 f"replay backend needs about {_human(needed)} for {what}. Free space, choose "
-                "another directory, or save fewer states (`model.inner.replay.checkpoint: sqrt`)"
+                "another directory, or save fewer states (`inner.replay.checkpoint: sqrt`)",
+                "inner.replay.directory", "inner.replay.checkpoint",
             )
         host = buffered  # the recompute buffer of one segment lives in host memory
     else:  # cpu (ReplayConfig admits no other value)
@@ -113,8 +115,8 @@ def check_replay_storage(cfg: InnerConfig, target: nn.Module, n_steps: int) -> i
         raise ConfigError(
             f"the replay backend needs about {_human(host)} of host memory for {what} "
             f"(+ a recompute buffer of {segment - 1} state(s)) but only {_human(available)} is "
-            "available. Use `model.inner.replay.storage: disk` or "
-            "`model.inner.replay.checkpoint: sqrt`"
+            "available. Use `inner.replay.storage: disk` or `inner.replay.checkpoint: sqrt`",
+            "inner.replay.storage", "inner.replay.checkpoint",
         )
     return stored + buffered
 

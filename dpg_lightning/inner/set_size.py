@@ -53,7 +53,8 @@ class SFTSet:
         if not 1 <= batch_size <= limit:
             what = "num_prompts x samples_per_prompt" + (" x ranks" if self.ranks > 1 else "")
             raise ConfigError(
-                f"`model.inner.batch_size` is {batch_size} but the synthetic set of a step has "
-                f"{limit} examples (data.{what}): choose 1 <= inner.batch_size <= {limit}"
+                f"`inner.batch_size` is {batch_size} but the synthetic set of a step has "
+                f"{limit} examples (data.{what}): choose 1 <= inner.batch_size <= {limit}",
+                "inner.batch_size",
             )
         return min(batch_size, self.size)

@@ -30,7 +30,7 @@ DDP with ``autograd.grad(create_graph=True)`` is known to misbehave, pytorch/pyt
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -177,7 +177,7 @@ def rank_order(
     same number of examples (``num_prompts x samples_per_prompt``, equal by construction).
     ``independent`` or a single rank: an ordinary local order, no communication.
     """
-    check_choice("model.distributed", mode, ("shared", "independent"))
+    check_choice("distributed", mode, get_args(Mode))
     if mode == "independent" or not world.distributed:
         return RankOrder(inner_order(n_local, batch_size, shuffle, seed))
     n_global = n_local * world.world_size

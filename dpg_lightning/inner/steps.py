@@ -57,19 +57,18 @@ def trainable_names(target: nn.Module, spec: str) -> list[str]:
         chosen = [n for n in names if re.search(spec, n)]
     if not chosen:
         raise ConfigError(
-            f"`model.inner.train_params: {spec}` selects no parameter of the target; use `all`, "
-            f"`lm_head`, or a regex over names such as {names[:3]}"
+            f"`inner.train_params: {spec}` selects no parameter of the target; use `all`, "
+            f"`lm_head`, or a regex over names such as {names[:3]}", "inner.train_params",
         )
     return chosen
 
 
 def inner_order(n: int, batch_size: int, shuffle: bool, seed: int) -> list[Tensor]:
-    """Index batches of one epoch over ``n`` examples (last batch may be smaller)."""
+    """Index batches of one epoch over ``n`` examples (last batch may be smaller). Which
+    batch a set allows is :class:`~dpg_lightning.inner.set_size.SFTSet`'s rule; this only
+    refuses an impossible one."""
     if batch_size < 1 or batch_size > n:
-        raise ConfigError(
-            f"`model.inner.batch_size` is {batch_size} but the synthetic set has {n} examples "
-            "(num_prompts x samples_per_prompt): choose 1 <= inner.batch_size <= that"
-        )
+        raise ValueError(f"an inner batch of {batch_size} over {n} examples")
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     return list(perm.split(batch_size))

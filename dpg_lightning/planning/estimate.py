@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from dpg_lightning.common.errors import ConfigError
 from dpg_lightning.inner.replay_storage import checkpoint_steps
 from dpg_lightning.inner.set_size import SFTSet
 from dpg_lightning.planning.cost import (
@@ -80,7 +81,10 @@ def estimate(inputs: PlanInputs) -> Plan:
     sft_set = SFTSet(inputs.num_prompts, sampling.samples_per_prompt,
                      ranks=inputs.gpus if inputs.shared else 1,
                      inverse_groups=inputs.sft_groups == "inverse")
-    batch = sft_set.batch(inner_cfg.batch_size)
+    try:
+        batch = sft_set.batch(inner_cfg.batch_size)
+    except ConfigError as err:
+        raise err.at("model") from None
     rows, sft_rows = sft_set.per_rank, sft_set.per_rank // sft_set.count
     steps = math.ceil(sft_set.size / batch)
     per_step = min(sft_rows, math.ceil(batch / inputs.gpus) if inputs.shared else batch)

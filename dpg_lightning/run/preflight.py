@@ -163,7 +163,10 @@ def check_inner_batch(model: dict, data: dict, trainer: dict) -> None:
     if not all(isinstance(x, int) and x >= 1 for x in (batch, num_prompts, per_prompt, ranks)):
         return  # a bad value on its own: its config class names it
     groups = model.get("sft_groups", "all") == "inverse"
-    SFTSet(num_prompts, per_prompt, ranks, groups).batch(batch)
+    try:
+        SFTSet(num_prompts, per_prompt, ranks, groups).batch(batch)
+    except ConfigError as err:
+        raise err.at("model") from None
 
 
 def _default(cls: type, name: str) -> Any:
