@@ -251,6 +251,8 @@ def _validation_dir(
     (``--ckpt_path last`` with Slurm's checkpoints) takes the newest ``version_N`` as the run.
     Without a version directory (no local logger, a checkpoint from elsewhere) the base is
     ``trainer.default_root_dir``. Each logger keeps its class; only where it writes changes.
+    Under DDP a rank started after rank 0 made the directory may pick the next free name;
+    harmless: only rank 0 writes, and Lightning broadcasts rank 0's ``trainer.log_dir``.
     """
     trainer = config.get("trainer")
     base = run_dir if run_dir is not None and run_dir.is_dir() else None
