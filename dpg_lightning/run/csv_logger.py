@@ -14,6 +14,7 @@ import os
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -57,6 +58,9 @@ class RunCSVLogger(CSVLogger):
     Args:
         resume_step: the step the run resumes from (set by the CLI): rows of this step and
             later, left by the interrupted attempt, are dropped; ``None`` keeps every row.
+        at_step: log every row at this step instead of the trainer's (set by the CLI for
+            ``validate``: the checkpoint's step; Lightning's ``validate`` counts from 0, which
+            would put a trained generator's value at step 0).
     """
 
     def __init__(
@@ -67,9 +71,15 @@ class RunCSVLogger(CSVLogger):
         prefix: str = "",
         flush_logs_every_n_steps: int = 1,
         resume_step: int | None = None,
+        at_step: int | None = None,
     ) -> None:
         super().__init__(save_dir, name, version, prefix, flush_logs_every_n_steps)
         self.resume_step = resume_step
+        self.at_step = at_step
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        super().log_metrics(metrics, step if self.at_step is None else self.at_step)
 
     @property
     @rank_zero_experiment

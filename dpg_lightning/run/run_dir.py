@@ -16,6 +16,12 @@ last`` finds nothing in the new, empty directory) and its CSV logger deletes an 
 * gives a resumed W&B logger the run id stored in that directory (``wandb_run_id``), so the
   W&B run continues too (:mod:`dpg_lightning.run.wandb_run`);
 * refuses a fresh run into a fixed version directory that already holds results.
+
+``validate`` reads a run and never writes into it (:func:`_validation_dir`): its metrics,
+``hparams.yaml`` and the ``config.yaml`` LightningCLI saves go to a directory of its own,
+``<run dir>/validate/step<N>`` (N: the checkpoint's step; ``step<N>_2``... when validated
+again), its CSV row carries the checkpoint's step so it lines up with the training curve, and a
+W&B logger starts a run of its own instead of continuing the training run.
 """
 
 from __future__ import annotations
@@ -126,11 +132,16 @@ class ResolvedRun:
     notes: list[str] = field(default_factory=list)
 
 
-def resolve_run(config: Any) -> ResolvedRun:
+def resolve_run(config: Any, command: str | None = None) -> ResolvedRun:
     """Resolve ``ckpt_path`` and pin the loggers to the run's directory (see module doc).
 
-    ``config`` is one subcommand's parsed namespace; it is edited in place.
+    ``config`` is one subcommand's parsed namespace; it is edited in place. ``command`` is
+    the subcommand (``fit`` or ``validate``: a directory of its own, :func:`_validation_dir`);
+    ``None`` tells them apart by ``verbose``, an argument of ``Trainer.validate`` only.
     """
+    if command is None:
+        command = "validate" if "verbose" in config else "fit"
+    validating = command == "validate"
     trainer = config.get("trainer")
     loggers = _loggers(trainer)
     first = loggers[0] if loggers else None
@@ -138,6 +149,11 @@ def resolve_run(config: Any) -> ResolvedRun:
     if run.ckpt_path == "last":
         path, skipped = newest_readable_checkpoint(_checkpoint_dirs(config, first))
         run.notes += [f"skipped an unreadable checkpoint: {s}" for s in skipped]
+        if path is None and validating:
+            raise ConfigError(
+                "`validate --ckpt_path last`: this run has no readable checkpoint yet in "
+                + ", ".join(str(d) for d in _checkpoint_dirs(config, first))
+            )
         if path is None:
             run.notes.append("`--ckpt_path last`: no checkpoint of this run yet, starting it")
             run.ckpt_path = None
@@ -153,16 +169,23 @@ def resolve_run(config: Any) -> ResolvedRun:
             )
     if run.ckpt_path and Path(run.ckpt_path).is_file():
         run.step = checkpoint_step(run.ckpt_path)
-        run.notes.append(f"resuming {run.ckpt_path} at step {run.step}")
+        if not validating:
+            run.notes.append(f"resuming {run.ckpt_path} at step {run.step}")
     version = run_dir = None
-    if run.step is not None and first is not None:
+    if (run.step is not None or validating) and first is not None:
         # The version directory the checkpoint lies in; for one outside them (Slurm's
         # hpc_ckpt_N.ckpt in the root dir) the configured or else the newest one.
+        # (validate: never the newest of unrelated versions; its own directory goes to the
+        # root dir instead, see _validation_dir).
         existing = sorted(first.version_dirs(), key=lambda d: d.stat().st_mtime)
-        version = (_version_of(Path(run.ckpt_path), first) or _fixed_version(first)
-                   or (existing[-1].name if existing else None))
+        ckpt = Path(run.ckpt_path) if run.step is not None else None
+        version = ((ckpt and _version_of(ckpt, first)) or _fixed_version(first)
+                   or (existing[-1].name if existing and not validating else None))
         root = first.root()
         run_dir = root / version if root is not None and version else None
+    if validating:
+        _validation_dir(config, loggers, run_dir, run)
+        return run
     for logger in loggers:
         _pin(logger, version, run_dir, run)
     return run
@@ -199,6 +222,69 @@ def _pin(logger: LoggerSpec, version: str | None, run_dir: Path | None, run: Res
         if not args.get("id") and stored is not None:
             args["id"] = stored
             args["resume"] = "allow"
+
+
+#: Where ``validate`` writes, under the run directory it reads.
+VALIDATE_DIR = "validate"
+
+
+def _free_dir(parent: Path, name: str) -> Path:
+    """``parent/name``, or ``name_2``, ``name_3``... when it already holds something: a second
+    validation of a checkpoint (other prompts, another seed) keeps the first one's results."""
+    path, n = parent / name, 1
+    while path.exists() and (not path.is_dir() or any(path.iterdir())):
+        n += 1
+        path = parent / f"{name}_{n}"
+    return path
+
+
+def _validation_dir(
+    config: Any, loggers: list[LoggerSpec], run_dir: Path | None, run: ResolvedRun
+) -> Path:
+    """Send everything ``validate`` writes to ``<run dir>/validate/step<N>`` (module doc).
+
+    Why its own directory and not the run's: a validation is not a training step, so a row
+    in the run's ``metrics.csv`` would put a step-0 point carrying the trained generator's
+    value on the training curve, and LightningCLI's ``config.yaml`` (saved to
+    ``trainer.log_dir``) would replace the config the run was trained with. Why inside the
+    run directory and not a sibling ``version_N``: it belongs to that run, and a resumed run
+    (``--ckpt_path last`` with Slurm's checkpoints) takes the newest ``version_N`` as the run.
+    Without a version directory (no local logger, a checkpoint from elsewhere) the base is
+    ``trainer.default_root_dir``. Each logger keeps its class; only where it writes changes.
+    Under DDP a rank started after rank 0 made the directory may pick the next free name;
+    harmless: only rank 0 writes, and Lightning broadcasts rank 0's ``trainer.log_dir``.
+    """
+    trainer = config.get("trainer")
+    base = run_dir if run_dir is not None and run_dir.is_dir() else None
+    if base is None:
+        base = Path((trainer.get("default_root_dir") if trainer else None) or os.getcwd())
+    out = _free_dir(base / VALIDATE_DIR, f"step{run.step or 0}")
+    if trainer is not None:
+        # Where callbacks and a config save fall back to when no logger names a directory.
+        trainer["default_root_dir"] = str(out)
+    for logger in loggers:
+        args = logger.node.get("init_args")
+        short = logger.class_path.rsplit(".", 1)[-1]
+        if args is None:
+            continue
+        if logger.class_path in CSV_CLASSES or short == "RunCSVLogger":
+            logger.node["class_path"] = RUN_CSV
+            args["at_step"] = run.step
+            args.pop("resume_step", None)
+        if short in ("CSVLogger", "RunCSVLogger", "TensorBoardLogger"):
+            args["save_dir"], args["name"], args["version"] = str(base), VALIDATE_DIR, out.name
+        elif short == "WandbLogger":
+            # A W&B run of its own: the training run's id would append this validation to
+            # the training curves (an id the config names is dropped; the one stored in the
+            # run directory is not read).
+            args["save_dir"] = str(out)
+            for key in ("id", "version"):
+                if args.get(key):
+                    args[key] = None
+    what = (f"checkpoint {run.ckpt_path} (step {run.step})" if run.step is not None
+            else "the initial generator (no --ckpt_path)")
+    run.notes.append(f"validating {what}: metrics and config go to {out}")
+    return out
 
 
 def report(run: ResolvedRun) -> None:
