@@ -87,7 +87,7 @@ class DPGCLI(LightningCLI):
         hyper-parameters; for another model that would quietly resume *that* model)."""
         sub = self.config.get("subcommand")
         if sub:
-            report(resolve_run(self.config[sub]))
+            report(resolve_run(self.config[sub], sub))
         given = self.config[sub].get("model") if sub else None
         given = given.clone() if hasattr(given, "clone") else None
         super()._parse_ckpt_path()

@@ -77,7 +77,8 @@ def load_generator(cfg: Namespace) -> tuple[PreTrainedModel, PreTrainedTokenizer
     state = {k[len(prefix) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
         raise ConfigError(f"{path} holds no `generator.*` weights: is it a DPG checkpoint?")
-    check_checkpoint_config(plain(cfg.model.as_dict()), plain(ckpt.get("hyper_parameters", {})))
+    check_checkpoint_config(plain(cfg.model.as_dict()), plain(ckpt.get("hyper_parameters", {})),
+                            verb="loading")
     gen = cfg.model.generator
     gen_cfg = build_settings(ModelConfig, gen, at="model.generator")
     check_model_source(gen_cfg.pretrained, "model.generator.pretrained")
@@ -143,7 +144,10 @@ def sample_main(argv: list[str] | None = None) -> Path:
     # template is applied inside sample_rollout, as in training.
     prompts = load_prompts(**cfg.data.as_dict()).train
     sampling = _sampling(cfg)
-    uses_chat_template(tokenizer, sampling)  # a chat setting this tokenizer cannot honour
+    try:  # a chat setting this tokenizer cannot honour
+        uses_chat_template(tokenizer, sampling)
+    except ConfigError as err:
+        raise err.at("model.sampling") from None
     torch.manual_seed(cfg.seed)
     output = Path(cfg.output)
     n = sample_dataset(

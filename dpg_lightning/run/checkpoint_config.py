@@ -30,7 +30,9 @@ def plain(value: Any) -> Any:
 IDENTITY_KEYS = ("generator", "target", "reward", "distributed")
 
 
-def check_checkpoint_config(current: dict[str, Any], saved: dict[str, Any]) -> None:
+def check_checkpoint_config(
+    current: dict[str, Any], saved: dict[str, Any], verb: str = "resuming"
+) -> None:
     """Error on a checkpoint of a different model; warn about other changed hyper-parameters.
 
     Why an error: a checkpoint of another architecture otherwise fails deep in
@@ -51,7 +53,7 @@ def check_checkpoint_config(current: dict[str, Any], saved: dict[str, Any]) -> N
         )
     if differ:
         warnings.warn(
-            f"resuming with changed model settings {differ}: the checkpoint's values are used "
+            f"{verb} with changed model settings {differ}: the checkpoint's values are used "
             "(LightningCLI restores a model from its checkpoint's hyper-parameters)",
             stacklevel=2,
         )
