@@ -250,7 +250,9 @@ def build(p: ArgumentParser, cfg: Namespace) -> tuple[DPGModule, int]:
         generator, _ = load_generator(cfg)  # checks the file and that it is this model's
         ckpt = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False, mmap=True)
         step = int(ckpt.get("global_step", 0))
-    init = p.instantiate_classes(cfg)
+    # ``instantiate`` from jsonargparse 4.49 on; ``instantiate_classes`` before (>= 4.32 allowed)
+    init = getattr(p, "instantiate", None) or p.instantiate_classes
+    init = init(cfg)
     module: DPGModule = init.model
     if generator is not None:
         module.generator.load_state_dict(generator.state_dict())
@@ -284,3 +286,11 @@ def main(argv: list[str] | None = None) -> RewardCheckResult:
     print(table(result), flush=True)
     print(f"wrote {output} and {figure}", flush=True)
     return result
+
+
+if __name__ == "__main__":  # ``python -m dpg_lightning.check_rewards``, as the CLI runs it
+    from dpg_lightning.cli import exit_on_run_error
+    from dpg_lightning.run.threads import configure_threads
+
+    configure_threads()
+    exit_on_run_error(main)
