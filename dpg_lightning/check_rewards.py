@@ -145,7 +145,8 @@ def check_step_rewards(
     sft_set = SFTSet(n // spp, spp)
     (job,) = sft_jobs(sft_set, module.inner, module.seed, step, "independent", WorldInfo())
     indices = checked_indices(n, num_examples)
-    with torch.autocast(device_type=module.device.type, enabled=False):
+    # autograd on even inside a validation loop's no_grad; the target's precision is its own
+    with torch.enable_grad(), torch.autocast(device_type=module.device.type, enabled=False):
         start = time.perf_counter()
         out = metagradient_rewards(module.target, data, module.metric, module.inner, job.order)
         middle = time.perf_counter()
