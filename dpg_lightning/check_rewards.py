@@ -287,11 +287,3 @@ def main(argv: list[str] | None = None) -> RewardCheckResult:
     print(table(result), flush=True)
     print(f"wrote {output} and {figure}", flush=True)
     return result
-
-
-if __name__ == "__main__":  # ``python -m dpg_lightning.check_rewards``, as the CLI runs it
-    from dpg_lightning.cli import exit_on_run_error
-    from dpg_lightning.run.threads import configure_threads
-
-    configure_threads()
-    exit_on_run_error(main)

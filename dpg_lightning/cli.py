@@ -52,6 +52,8 @@ COMMANDS = {
     "sample": "write a synthetic dataset (JSONL) from a trained generator",
     "export": "save a trained generator with save_pretrained (for transformers)",
     "plan": "memory, storage and time of one DPG step of a config, without a model or GPU",
+    "check-rewards": "do a step's DPG rewards track exact leave-one-out? check-rewards --config "
+                     "... --num_examples K --output F.json",
 }
 
 
@@ -261,6 +263,10 @@ def main(args: list[str] | None = None) -> Any:
         from dpg_lightning import sample
 
         return exit_on_run_error(lambda: getattr(sample, f"{command}_main")(argv[1:]))
+    if command == "check-rewards":
+        from dpg_lightning import check_rewards
+
+        return exit_on_run_error(lambda: check_rewards.main(argv[1:]))
     if command == "plan":
         from dpg_lightning import plan
 
