@@ -53,7 +53,7 @@ from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.models.pretrain import maybe_pretrain
 from dpg_lightning.run.checkpoint_config import check_checkpoint_config
-from dpg_lightning.run.divergence import DivergenceGuard, StepNumbers, check_validation_phi
+from dpg_lightning.run.divergence import DivergenceGuard, StepNumbers
 from dpg_lightning.run.progress import PhaseReporter, phase_progress_bar
 from dpg_lightning.run.slurm import check_slurm_launch
 from dpg_lightning.run.stopping import GracefulShutdown, SlurmRequeue
@@ -134,7 +134,7 @@ class DPGModule(L.LightningModule):
         self.sft_groups = sft_groups
         self.reward, self.seed, self.distributed = reward, seed, distributed
         self.phases = PhaseReporter()  # where a step is, for the progress bar
-        self.divergence = DivergenceGuard(max_nonfinite_steps, self._lower_hints())
+        self.divergence = DivergenceGuard(max_nonfinite_steps, self._lower_hints(), self.inner)
         for message in setting_warnings(self.sampling, self.policy, self.gen_cfg):
             warnings.warn(message, stacklevel=2)
 
@@ -260,8 +260,8 @@ class DPGModule(L.LightningModule):
         """Skip the update of a step with non-finite numbers (logged) rather than poison the
         generator; the divergence guard ends the run if this goes on."""
         step_losses = [torch.stack(losses)] if losses else []
-        problems = StepNumbers(all_rewards, phis, step_losses).problems()
-        self.divergence.record(self.global_step, problems)
+        problems = self.divergence.record_step(
+            self.global_step, StepNumbers(all_rewards, phis, step_losses))
         if not problems:
             return False
         self.log("train/skipped_nonfinite", 1.0, batch_size=batch_size)
@@ -423,7 +423,7 @@ class DPGModule(L.LightningModule):
                 "set `trainer.inference_mode: false`"
             )
         metrics = self.evaluate(batch)
-        check_validation_phi(metrics["val/phi"], self.global_step, self._lower_hints())
+        self.divergence.check_validation_phi(metrics["val/phi"], self.global_step)
         self.log_dict(metrics, batch_size=len(batch))
 
     def on_train_batch_start(self, batch: list[str], batch_idx: int) -> None:
@@ -455,7 +455,7 @@ class DPGModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if self.global_step == 0 and dm is not None and self.loggers:
             metrics = self.evaluate(next(iter(dm.val_dataloader())))
-            check_validation_phi(metrics["val/phi"], 0, self._lower_hints())
+            self.divergence.check_validation_phi(metrics["val/phi"], 0)
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=0)
             record_validation(self.trainer, 0, metrics)
