@@ -221,17 +221,28 @@ class DPGModule(L.LightningModule):
         phis = all_gather_cat(_phi_or_nothing(score, rewards.dtype), world)
         self.log_dict(_sft_metrics(score, phis), batch_size=len(batch))
         if self._skip_if_nonfinite(all_rewards, phis, score.losses, len(batch)):
-            return StepOutput(rollout.texts, rollout.prompts, rewards.cpu()).as_lightning_output()
-        advantages = self.rewarder.advantages(
-            rewards, all_rewards, world, self.distributed == "shared",
-            self.sampling.samples_per_prompt, self.policy,
-        )
-        start = time.perf_counter()
-        stats = self._update_policy(rollout, advantages.to(self.device))
-        seconds = {**seconds, **score.seconds, "policy_update": time.perf_counter() - start}
-        self._log_step(rollout, rewards, score.phi, stats, seconds, len(batch))
-        step = StepOutput(rollout.texts, rollout.prompts, rewards.cpu(), advantages.cpu())
+            step = StepOutput(rollout.texts, rollout.prompts, rewards.cpu())
+        else:
+            advantages = self.rewarder.advantages(
+                rewards, all_rewards, world, self.distributed == "shared",
+                self.sampling.samples_per_prompt, self.policy,
+            )
+            start = time.perf_counter()
+            stats = self._update_policy(rollout, advantages.to(self.device))
+            seconds = {**seconds, **score.seconds, "policy_update": time.perf_counter() - start}
+            self._log_step(rollout, rewards, score.phi, stats, seconds, len(batch))
+            step = StepOutput(rollout.texts, rollout.prompts, rewards.cpu(), advantages.cpu())
+        self._log_dpg_step(len(batch))
         return step.as_lightning_output()
+
+    def _log_dpg_step(self, batch_size: int) -> None:
+        """Log this step's metrics at the number of DPG steps done (1 for the first; the
+        untrained generator's validation is step 0), the number checkpoint names, the progress
+        bar and ``trainer.max_steps`` count. A logged ``step`` is the x-axis Lightning gives
+        the loggers; without it they would get its count of batches before this one (0 for the
+        first), one less than everything else. It also names checkpoints (``{step}``), with
+        the same value. Validation logs it too (:meth:`validation_step`)."""
+        self.log("step", float(self.global_step), batch_size=batch_size)
 
     def _sft_set(self, num_prompts: int, ranks: int) -> SFTSet:
         """A step's synthetic set on ``ranks`` ranks (one SFT's; see :class:`SFTSet`)."""
@@ -424,7 +435,7 @@ class DPGModule(L.LightningModule):
             )
         metrics = self.evaluate(batch)
         self.divergence.check_validation_phi(metrics["val/phi"], self.global_step)
-        self.log_dict(metrics, batch_size=len(batch))
+        self.log_dict({**metrics, "step": float(self.global_step)}, batch_size=len(batch))
 
     def on_train_batch_start(self, batch: list[str], batch_idx: int) -> None:
         """Re-seed the RNG from (seed, step, rank): exact resumes, distinct samples per rank.
