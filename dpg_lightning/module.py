@@ -22,6 +22,7 @@ from torch import Tensor
 from dpg_lightning.common.errors import ConfigError, check_int_at_least, require
 from dpg_lightning.common.seeds import derive_seed
 from dpg_lightning.common.settings import check_literal_args
+from dpg_lightning.dpg.lr_schedule import generator_optimizers
 from dpg_lightning.dpg.minibatches import minibatch_count, minibatch_rows
 from dpg_lightning.dpg.policy import PolicyConfig, accumulate_policy_loss
 from dpg_lightning.dpg.rewards import make_rewarder
@@ -167,11 +168,10 @@ class DPGModule(L.LightningModule):
 
     # ---------------------------------------------------------------- set-up
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        p = self.policy
-        return torch.optim.AdamW(
-            self.generator.parameters(), lr=p.lr, weight_decay=p.weight_decay, betas=p.betas
-        )
+    def configure_optimizers(self) -> dict:
+        """The generator's AdamW and lr schedule (checkpointed by Lightning with it)."""
+        return generator_optimizers(self.generator.parameters(), self.policy,
+                                    self.trainer.max_steps)
 
     def setup(self, stage: str) -> None:
         """Check the synthetic-set size against ``inner.batch_size`` before any long work."""
@@ -236,12 +236,13 @@ class DPGModule(L.LightningModule):
         return step.as_lightning_output()
 
     def _log_dpg_step(self, batch_size: int) -> None:
-        """Log this step's metrics at the number of DPG steps done (1 for the first; the
-        untrained generator's validation is step 0), the number checkpoint names, the progress
-        bar and ``trainer.max_steps`` count. A logged ``step`` is the x-axis Lightning gives
-        the loggers; without it they would get its count of batches before this one (0 for the
-        first), one less than everything else. It also names checkpoints (``{step}``), with
-        the same value. Validation logs it too (:meth:`validation_step`)."""
+        """End a DPG step, updated or skipped: its lr logged, the lr schedule stepped (once per
+        DPG step), and its metrics logged at the DPG steps done (1 for the first; the untrained
+        validation is step 0), the number checkpoint names and the progress bar count. A
+        logged ``step`` is Lightning's loggers' x-axis (else its count of batches before this
+        one: one less); validation logs it too (:meth:`validation_step`)."""
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        self.lr_schedulers().step()
         self.log("step", float(self.global_step), batch_size=batch_size)
 
     def _sft_set(self, num_prompts: int, ranks: int) -> SFTSet:

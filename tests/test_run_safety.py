@@ -238,13 +238,15 @@ def test_csv_logger_continues_a_resumed_run(tmp_path):
     for step in range(6):
         first.log_metrics({"a": step}, step)
     first.save()
+    # resumed from the checkpoint of DPG step 4: its row stays, step 5's is redone
     resumed = RunCSVLogger(tmp_path, name="csv", version=0, resume_step=4)
-    resumed.log_metrics({"a": 40, "b": 1.0}, 4)
+    resumed.log_metrics({"a": 50, "b": 1.0}, 5)
     resumed.save()
     with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["a"], r.get("b")) for r in rows] == [
-        ("0", "0", ""), ("1", "1", ""), ("2", "2", ""), ("3", "3", ""), ("4", "40", "1.0")]
+        ("0", "0", ""), ("1", "1", ""), ("2", "2", ""), ("3", "3", ""), ("4", "4", ""),
+        ("5", "50", "1.0")]
 
 
 def test_a_fresh_run_never_overwrites_an_earlier_runs_results(tmp_path, capsys):
