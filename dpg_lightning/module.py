@@ -22,6 +22,7 @@ from torch import Tensor
 from dpg_lightning.common.errors import ConfigError, check_int_at_least, require
 from dpg_lightning.common.seeds import derive_seed
 from dpg_lightning.common.settings import check_literal_args
+from dpg_lightning.dpg.lr_schedule import generator_optimizers
 from dpg_lightning.dpg.minibatches import minibatch_count, minibatch_rows
 from dpg_lightning.dpg.policy import PolicyConfig, accumulate_policy_loss
 from dpg_lightning.dpg.rewards import make_rewarder
@@ -53,7 +54,7 @@ from dpg_lightning.metrics.l2_norm import LMHeadL2Norm
 from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.models.pretrain import maybe_pretrain
 from dpg_lightning.run.checkpoint_config import check_checkpoint_config
-from dpg_lightning.run.divergence import DivergenceGuard, StepNumbers, check_validation_phi
+from dpg_lightning.run.divergence import DivergenceGuard, StepNumbers
 from dpg_lightning.run.progress import PhaseReporter, phase_progress_bar
 from dpg_lightning.run.slurm import check_slurm_launch
 from dpg_lightning.run.stopping import GracefulShutdown, SlurmRequeue
@@ -134,7 +135,7 @@ class DPGModule(L.LightningModule):
         self.sft_groups = sft_groups
         self.reward, self.seed, self.distributed = reward, seed, distributed
         self.phases = PhaseReporter()  # where a step is, for the progress bar
-        self.divergence = DivergenceGuard(max_nonfinite_steps, self._lower_hints())
+        self.divergence = DivergenceGuard(max_nonfinite_steps, self._lower_hints(), self.inner)
         for message in setting_warnings(self.sampling, self.policy, self.gen_cfg):
             warnings.warn(message, stacklevel=2)
 
@@ -167,11 +168,10 @@ class DPGModule(L.LightningModule):
 
     # ---------------------------------------------------------------- set-up
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        p = self.policy
-        return torch.optim.AdamW(
-            self.generator.parameters(), lr=p.lr, weight_decay=p.weight_decay, betas=p.betas
-        )
+    def configure_optimizers(self) -> dict:
+        """The generator's AdamW and lr schedule (checkpointed by Lightning with it)."""
+        return generator_optimizers(self.generator.parameters(), self.policy,
+                                    self.trainer.max_steps)
 
     def setup(self, stage: str) -> None:
         """Check the synthetic-set size against ``inner.batch_size`` before any long work."""
@@ -221,17 +221,29 @@ class DPGModule(L.LightningModule):
         phis = all_gather_cat(_phi_or_nothing(score, rewards.dtype), world)
         self.log_dict(_sft_metrics(score, phis), batch_size=len(batch))
         if self._skip_if_nonfinite(all_rewards, phis, score.losses, len(batch)):
-            return StepOutput(rollout.texts, rollout.prompts, rewards.cpu()).as_lightning_output()
-        advantages = self.rewarder.advantages(
-            rewards, all_rewards, world, self.distributed == "shared",
-            self.sampling.samples_per_prompt, self.policy,
-        )
-        start = time.perf_counter()
-        stats = self._update_policy(rollout, advantages.to(self.device))
-        seconds = {**seconds, **score.seconds, "policy_update": time.perf_counter() - start}
-        self._log_step(rollout, rewards, score.phi, stats, seconds, len(batch))
-        step = StepOutput(rollout.texts, rollout.prompts, rewards.cpu(), advantages.cpu())
+            step = StepOutput(rollout.texts, rollout.prompts, rewards.cpu())
+        else:
+            advantages = self.rewarder.advantages(
+                rewards, all_rewards, world, self.distributed == "shared",
+                self.sampling.samples_per_prompt, self.policy,
+            )
+            start = time.perf_counter()
+            stats = self._update_policy(rollout, advantages.to(self.device))
+            seconds = {**seconds, **score.seconds, "policy_update": time.perf_counter() - start}
+            self._log_step(rollout, rewards, score.phi, stats, seconds, len(batch))
+            step = StepOutput(rollout.texts, rollout.prompts, rewards.cpu(), advantages.cpu())
+        self._log_dpg_step(len(batch))
         return step.as_lightning_output()
+
+    def _log_dpg_step(self, batch_size: int) -> None:
+        """End a DPG step, updated or skipped: its lr logged, the lr schedule stepped (once per
+        DPG step), and its metrics logged at the DPG steps done (1 for the first; the untrained
+        validation is step 0), the number checkpoint names and the progress bar count. A
+        logged ``step`` is Lightning's loggers' x-axis (else its count of batches before this
+        one: one less); validation logs it too (:meth:`validation_step`)."""
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
+        self.lr_schedulers().step()
+        self.log("step", float(self.global_step), batch_size=batch_size)
 
     def _sft_set(self, num_prompts: int, ranks: int) -> SFTSet:
         """A step's synthetic set on ``ranks`` ranks (one SFT's; see :class:`SFTSet`)."""
@@ -260,8 +272,8 @@ class DPGModule(L.LightningModule):
         """Skip the update of a step with non-finite numbers (logged) rather than poison the
         generator; the divergence guard ends the run if this goes on."""
         step_losses = [torch.stack(losses)] if losses else []
-        problems = StepNumbers(all_rewards, phis, step_losses).problems()
-        self.divergence.record(self.global_step, problems)
+        problems = self.divergence.record_step(
+            self.global_step, StepNumbers(all_rewards, phis, step_losses))
         if not problems:
             return False
         self.log("train/skipped_nonfinite", 1.0, batch_size=batch_size)
@@ -423,8 +435,8 @@ class DPGModule(L.LightningModule):
                 "set `trainer.inference_mode: false`"
             )
         metrics = self.evaluate(batch)
-        check_validation_phi(metrics["val/phi"], self.global_step, self._lower_hints())
-        self.log_dict(metrics, batch_size=len(batch))
+        self.divergence.check_validation_phi(metrics["val/phi"], self.global_step)
+        self.log_dict({**metrics, "step": float(self.global_step)}, batch_size=len(batch))
 
     def on_train_batch_start(self, batch: list[str], batch_idx: int) -> None:
         """Re-seed the RNG from (seed, step, rank): exact resumes, distinct samples per rank.
@@ -455,7 +467,7 @@ class DPGModule(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if self.global_step == 0 and dm is not None and self.loggers:
             metrics = self.evaluate(next(iter(dm.val_dataloader())))
-            check_validation_phi(metrics["val/phi"], 0, self._lower_hints())
+            self.divergence.check_validation_phi(metrics["val/phi"], 0)
             for logger in self.loggers:
                 logger.log_metrics(metrics, step=0)
             record_validation(self.trainer, 0, metrics)

@@ -17,13 +17,14 @@ from dpg_lightning.inner.optim import (
     used_slots,
 )
 
+# eps_root 0: torch.optim's Adam has none (the default, 1e-9, is tested below)
 CASES = [
     InnerOptimConfig("sgd", lr=0.1),
     InnerOptimConfig("sgd", lr=0.1, momentum=0.9, weight_decay=0.01),
-    InnerOptimConfig("adam", lr=1e-2, betas=(0.9, 0.95), eps=1e-8),
-    InnerOptimConfig("adam", lr=1e-2, weight_decay=0.1),
-    InnerOptimConfig("adamw", lr=1e-2, betas=(0.9, 0.95), weight_decay=1e-4),
-    InnerOptimConfig("adamw", lr=1e-1, weight_decay=0.5, eps=1e-3),
+    InnerOptimConfig("adam", lr=1e-2, betas=(0.9, 0.95), eps=1e-8, eps_root=0.0),
+    InnerOptimConfig("adam", lr=1e-2, weight_decay=0.1, eps_root=0.0),
+    InnerOptimConfig("adamw", lr=1e-2, betas=(0.9, 0.95), weight_decay=1e-4, eps_root=0.0),
+    InnerOptimConfig("adamw", lr=1e-1, weight_decay=0.5, eps=1e-3, eps_root=0.0),
 ]
 
 
@@ -87,8 +88,8 @@ def test_higher_uses_our_differentiable_adam(cfg):
     [
         (InnerOptimConfig("sgd"), (False, False)),
         (InnerOptimConfig("sgd", momentum=0.9), (True, False)),
-        (InnerOptimConfig("adam"), (True, True)),
-        (InnerOptimConfig("adamw"), (True, True)),
+        (InnerOptimConfig("adam", eps_root=0.0), (True, True)),
+        (InnerOptimConfig("adamw", eps_root=0.0), (True, True)),
     ],
     ids=["sgd", "sgd-momentum", "adam", "adamw"],
 )

@@ -47,7 +47,7 @@ def fit(tmp_path_factory):
 def test_points_are_metrics_csv_rows_from_step_0(fit):
     plot, metrics_csv = fit
     rows = _phi_rows(metrics_csv)
-    assert rows[0][0] == 0 and [s for s, _ in rows[1:]] == [1, 3], rows
+    assert rows[0][0] == 0 and [s for s, _ in rows[1:]] == [2, 4], rows  # DPG steps
     assert plot.history == _approx(rows)
     assert plot.output_path is not None and plot.output_path.is_file()
 

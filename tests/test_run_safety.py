@@ -115,7 +115,7 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_losing_nothing(tmp_pat
     main(_args(tmp_path, f"--trainer.max_steps={done + 2}", "--trainer.val_check_interval=1000",
                "--ckpt_path", "last"))
     assert [p.name for p in (tmp_path / "csv").iterdir()] == ["version_0"]
-    assert sorted(_train_steps(tmp_path)) == list(range(done + 2))
+    assert sorted(_train_steps(tmp_path)) == list(range(1, done + 3))  # DPG steps 1..
     assert sorted(set(_samples_steps(tmp_path))) == list(range(done + 2))
 
 
@@ -142,9 +142,10 @@ def test_kill_9_resumes_the_newest_checkpoint_in_the_same_directory(tmp_path):
     assert cli.trainer.global_step == saved + 2
     assert [p.name for p in (tmp_path / "csv").iterdir()] == ["version_0"]
     steps = _train_steps(tmp_path)
-    # Every step once; the only one that may be missing is the step whose checkpoint was
-    # written just before the kill (Lightning checkpoints a step before it logs it).
-    assert len(steps) == len(set(steps)) and set(range(saved + 2)) - set(steps) <= {saved - 1}
+    # Every step once (DPG steps 1..); the only one that may be missing is the step whose
+    # checkpoint was written just before the kill (Lightning checkpoints a step before it logs
+    # it).
+    assert len(steps) == len(set(steps)) and set(range(1, saved + 3)) - set(steps) <= {saved}
 
 
 # ------------------------------------------------------------------ checkpoints
@@ -237,13 +238,15 @@ def test_csv_logger_continues_a_resumed_run(tmp_path):
     for step in range(6):
         first.log_metrics({"a": step}, step)
     first.save()
+    # resumed from the checkpoint of DPG step 4: its row stays, step 5's is redone
     resumed = RunCSVLogger(tmp_path, name="csv", version=0, resume_step=4)
-    resumed.log_metrics({"a": 40, "b": 1.0}, 4)
+    resumed.log_metrics({"a": 50, "b": 1.0}, 5)
     resumed.save()
     with (tmp_path / "csv" / "version_0" / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["step"], r["a"], r.get("b")) for r in rows] == [
-        ("0", "0", ""), ("1", "1", ""), ("2", "2", ""), ("3", "3", ""), ("4", "40", "1.0")]
+        ("0", "0", ""), ("1", "1", ""), ("2", "2", ""), ("3", "3", ""), ("4", "4", ""),
+        ("5", "50", "1.0")]
 
 
 def test_a_fresh_run_never_overwrites_an_earlier_runs_results(tmp_path, capsys):
@@ -304,7 +307,7 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, capsys, monkeypatch)
     assert sorted(_train_steps(tmp_path)) == []  # skipped steps log no rewards...
     with (next(tmp_path.rglob("metrics.csv"))).open() as f:
         skipped = [r["step"] for r in csv.DictReader(f) if r.get("train/skipped_nonfinite")]
-    assert skipped == ["0", "1", "2"]  # ...but are logged as skipped
+    assert skipped == ["1", "2", "3"]  # ...but are logged as skipped (at DPG steps 1..3)
 
 
 def test_a_single_nonfinite_step_is_tolerated():

@@ -19,6 +19,7 @@ from torch import Tensor
 from dpg_lightning.common.errors import check_int_at_least, check_positive, require
 from dpg_lightning.common.settings import Settings
 from dpg_lightning.dpg.advantages import Baseline, Scale
+from dpg_lightning.dpg.lr_schedule import LRSchedule
 
 
 @dataclass
@@ -55,6 +56,10 @@ class PolicyConfig(Settings):
         reward_scale: rewards are multiplied by it before ``grpo_official`` normalisation (the
             paper's reward is the micro-batch size times dPhi/deps; at ~1e-9 the 1e-6 then
             dominates the std, so its advantages are effectively only mean-centred).
+        lr_schedule: the generator's lr over the run (:mod:`dpg_lightning.dpg.lr_schedule`):
+            ``constant`` (default), ``cosine`` or ``linear`` decay over ``trainer.max_steps``.
+        warmup_steps: DPG steps of linear warmup from 0 before the schedule (0: none).
+        min_lr_ratio: ``cosine`` only: the lr it decays to, as a fraction of ``lr``.
     """
 
     baseline: Baseline = "group"
@@ -74,6 +79,9 @@ class PolicyConfig(Settings):
     dual_clip: float | None = None
     advantage_normalization: Literal["scale_free", "grpo_official"] = "scale_free"
     reward_scale: float = 1.0
+    lr_schedule: LRSchedule = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
 
     def check(self) -> None:
         """Bounds and the options that need ``epsilon`` (the choices are checked from the
@@ -111,6 +119,12 @@ class PolicyConfig(Settings):
             "dual_clip", "epsilon",
         )
         check_positive("reward_scale", self.reward_scale)
+        check_int_at_least("warmup_steps", self.warmup_steps, 0)
+        require(0 <= self.min_lr_ratio <= 1,
+                f"`min_lr_ratio` is {self.min_lr_ratio}; it must be in [0, 1]", "min_lr_ratio")
+        require(self.min_lr_ratio == 0 or self.lr_schedule == "cosine",
+                f"`min_lr_ratio` ({self.min_lr_ratio}) is for `lr_schedule: cosine`, not "
+                f"{self.lr_schedule}", "min_lr_ratio", "lr_schedule")
         require(
             0 <= self.dataset_baseline_decay < 1,
             f"`dataset_baseline_decay` is {self.dataset_baseline_decay}; it must be in [0, 1)",

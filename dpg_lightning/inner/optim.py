@@ -6,6 +6,9 @@ functions return new tensors instead, with the exact update rule of ``torch.opti
 ``eps_root`` inside Adam's square root (as in optax): ``sqrt(v_hat + eps_root)``. Without it the
 derivative of ``sqrt(v)`` is infinite wherever a second moment is zero (any parameter whose
 gradient is zero, e.g. embeddings of tokens not in the batch) and the metagradient turns NaN.
+So ``eps_root`` defaults to the paper's 1e-9, not 0: a run must not need to know this to get
+finite rewards. ``eps_root: 0`` gives ``torch.optim``'s update exactly (the tests use it to
+compare with ``torch.optim``); SGD never reads ``eps_root``.
 """
 
 from __future__ import annotations
@@ -26,13 +29,16 @@ class InnerOptimConfig(Settings):
 
     ``adam`` couples weight decay into the gradient (L2, like ``torch.optim.Adam``); ``adamw``
     decays the weights directly (like ``torch.optim.AdamW``); ``sgd`` adds L2 to the gradient.
+    ``eps_root`` (Adam/AdamW only) keeps the metagradient finite where a second moment is 0
+    (the module docstring); 1e-9 is the paper's value and changes an update by about
+    ``lr * 5e-10 / sqrt(v_hat)`` relative, far below what the target learns.
     """
 
     name: Literal["sgd", "adam", "adamw"] = "sgd"
     lr: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    eps_root: float = 0.0
+    eps_root: float = 1e-9
     weight_decay: float = 0.0
     momentum: float = 0.0
 

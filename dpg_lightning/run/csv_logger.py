@@ -19,8 +19,9 @@ from lightning.pytorch.utilities import rank_zero_only
 
 class _AppendingWriter(ExperimentWriter):
     """Lightning's CSV writer, but an existing ``metrics.csv`` is continued, not deleted:
-    its header is kept, and rows of steps ``>= resume_step`` (logged by an attempt after its
-    last checkpoint, about to be redone) are dropped first."""
+    its header is kept, and rows of steps ``> resume_step`` (logged by an attempt after its
+    last checkpoint, about to be redone) are dropped first. Steps count DPG steps done, so
+    the checkpoint's own step ``resume_step`` was finished before it and its row stays."""
 
     def __init__(self, log_dir: str, resume_step: int | None) -> None:
         self.resume_step = resume_step
@@ -35,7 +36,7 @@ class _AppendingWriter(ExperimentWriter):
         self.metrics_keys = keys
         if self.resume_step is None:
             return
-        kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < self.resume_step]
+        kept = [r for r in rows if not r.get("step") or int(float(r["step"])) <= self.resume_step]
         if len(kept) == len(rows):
             return
         tmp = self.metrics_file_path + ".tmp"
@@ -56,8 +57,8 @@ class RunCSVLogger(CSVLogger):
     to minutes, so this costs nothing, and a killed run keeps the rows of its steps.
 
     Args:
-        resume_step: the step the run resumes from (set by the CLI): rows of this step and
-            later, left by the interrupted attempt, are dropped; ``None`` keeps every row.
+        resume_step: the step the run resumes from (set by the CLI): rows of later steps,
+            left by the interrupted attempt, are dropped; ``None`` keeps every row.
         at_step: log every row at this step instead of the trainer's (set by the CLI for
             ``validate``: the checkpoint's step; Lightning's ``validate`` counts from 0, which
             would put a trained generator's value at step 0).

@@ -6,12 +6,12 @@ task's own readouts (every other ``val/...`` metric) and where checkpoints, metr
 plots were written. :class:`RunSummary` prints that at the end of fit and puts the same numbers
 in the summary of every W&B run.
 
-Steps are the loggers' steps, so the summary names the same rows as ``metrics.csv``: Lightning
-logs a validation run inside training at ``global_step - 1`` (its count of batches that stepped
-is raised after the validation), and the module logs the untrained generator's validation at
-step 0 itself (before any batch, outside Lightning's validation loop); the module hands those
-metrics to :func:`record_validation`, which passes them on to every callback that
-:class:`RecordsValidation`.
+Steps are DPG steps, the loggers' steps, so the summary names the same rows as ``metrics.csv``
+and the same numbers as checkpoint names: the module logs a step's metrics and the validation
+after it at ``global_step`` (the DPG steps done, 1 for the first), and the untrained
+generator's validation at step 0 itself (before any batch, outside Lightning's validation
+loop); the module hands those metrics to :func:`record_validation`, which passes them on to
+every callback that :class:`RecordsValidation`.
 """
 
 from __future__ import annotations
@@ -45,9 +45,11 @@ def record_validation(trainer: L.Trainer, step: int, metrics: Mapping[str, Any])
 
 
 def logger_step(trainer: L.Trainer) -> int:
-    """The step Lightning's loggers give the metrics of the validation running now (the
-    ``step`` column of ``metrics.csv``); Lightning has no public name for it."""
-    return int(trainer.fit_loop.epoch_loop._batches_that_stepped)
+    """The step the loggers give the metrics of the validation running now (the ``step``
+    column of ``metrics.csv``): the DPG steps done, ``trainer.global_step``, which the module
+    logs as ``step`` (Lightning's own logger step, its count of batches that stepped, is one
+    behind during a validation inside training)."""
+    return int(trainer.global_step)
 
 
 def validation_metrics(metrics: Mapping[str, Any]) -> dict[str, float]:
