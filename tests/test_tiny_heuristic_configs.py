@@ -91,3 +91,34 @@ def test_the_config_runs_one_step(name, tmp_path, monkeypatch):
     with open(Path(cli.trainer.log_dir) / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["val/phi"] for r in rows if r.get("val/phi")], "no validation logged"
+
+
+def test_the_comparison_keeps_each_methods_latest_rows_and_tabulates_them(tmp_path):
+    """studies.compare's table: a method run alone (the heuristics at a later commit) replaces
+    only its own rows; each method is a column; differing step-0 validations are flagged."""
+    from studies.figures import latest_runs, task_figure, write_report
+
+    def row(reward, seed, commit, loss, untrained=3.5):
+        curve = [[0, {"last_word_loss": untrained, "es_share": 0.2}],
+                 [150, {"last_word_loss": loss, "es_share": 0.5}]]
+        return {"task": "language", "reward": reward, "seed": seed, "status": "ok",
+                "commit": commit, "config_hash": reward, "wall_s": 1.0, "steps": 150,
+                "updates": 150, "examples_per_step": 32, "curve": curve,
+                "untrained": curve[0][1], "final": curve[-1][1], "command": f"c {commit}"}
+
+    rows = [row("dpg", s, "old", 9.0) for s in (0, 1)] + [
+        row("dpg", s, "a", 3.1) for s in (0, 1)] + [
+        row("levenshtein", s, "b", 3.3, untrained=3.5 + s) for s in (0, 1)]
+    runs = latest_runs(rows, "language")
+    assert [(r["reward"], r["commit"]) for r in runs] == [("dpg", "a")] * 2 + [
+        ("levenshtein", "b")] * 2
+    report = tmp_path / "tiny_compare.md"
+    write_report(rows, report, {"language": (("last_word_loss", "lower"),
+                                             ("es_share", "higher"))})
+    text = report.read_text()
+    assert "| Levenshtein | fastText LID | embedding |" in text
+    assert ("| language | last_word_loss | lower | 3.5000 ± 0.0000 | - | 3.1000 ± 0.0000 | "
+            "3.3000 ± 0.0000 | - | - |") in text
+    assert "seed 1: untrained `last_word_loss` differs between dpg and levenshtein" in text
+    assert task_figure("language", runs, (("last_word_loss", "lower"),),
+                       tmp_path / "f.png") == tmp_path / "f.png"
