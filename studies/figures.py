@@ -75,7 +75,8 @@ def representative(rows: list[dict], key: str, better: str) -> dict | None:
     return ranked[(len(ranked) - 1) // 2]
 
 
-def _draw_curves(ax, rows_by_reward: dict[str, list[dict]], key: str, better: str) -> None:
+def _draw_curves(ax, rows_by_reward: dict[str, list[dict]], key: str, better: str,
+                 legend: bool = True) -> None:
     for reward, (label, color) in STYLE.items():
         curves = [{int(s): v[key] for s, v in r["curve"] if key in v}
                   for r in rows_by_reward.get(reward, [])]
@@ -96,7 +97,8 @@ def _draw_curves(ax, rows_by_reward: dict[str, list[dict]], key: str, better: st
     ax.set_ylabel(key)
     ax.set_title(f"{key} ({better} is better)", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if legend:
+        ax.legend(fontsize=8)
 
 
 def _draw_image(ax, values: np.ndarray, title: str, limits: tuple[float, float]) -> None:
@@ -137,16 +139,24 @@ def task_figure(task: str, rows: list[dict], readouts: Sequence[tuple[str, str]]
             images += [(np.asarray(r["patch"]["drawn"], dtype=float), _patch_title(n, r),
                         (-1.0, 1.0)) for n, r in picks]
     ncols = len(keys) + len(images)
-    fig = Figure(figsize=(4.6 * len(keys) + 3.0 * len(images), 4.0), dpi=110)
+    # more than two methods: one legend under the panels (in a panel it hides the curves)
+    shared = len(methods) > 2
+    fig = Figure(figsize=(4.6 * len(keys) + 3.0 * len(images), 4.0 + 0.6 * shared), dpi=110)
     axes = np.atleast_1d(fig.subplots(1, ncols, width_ratios=[1.5] * len(keys) + [1] * len(images)))
     for ax, (key, better) in zip(axes, keys):
-        _draw_curves(ax, by_reward, key, better)
+        _draw_curves(ax, by_reward, key, better, legend=not shared)
     for ax, (values, title, limits) in zip(axes[len(keys):], images):
         _draw_image(ax, values, title, limits)
     steps = sorted({int(r["curve"][-1][0]) for r in rows})
-    fig.suptitle(f"tiny {task}: {' vs '.join(methods)} "
-                 f"({'/'.join(map(str, steps))} updates; mean and range over seeds)", fontsize=11)
-    fig.tight_layout()
+    title = f"tiny {task}: {' vs '.join(methods)}"
+    fig.suptitle(f"{title}{chr(10) if shared else ' '}({'/'.join(map(str, steps))} updates; "
+                 "mean and range over seeds)", fontsize=11)
+    if shared:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.1, 1, 1))
+    else:
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     return path
