@@ -22,18 +22,10 @@ from dpg_lightning.data.tokenization import TokenRows
 from dpg_lightning.inner import Attribution, InnerConfig, RankOrder, SFTSet, inner_order
 from dpg_lightning.inner.shared_sft import WorldInfo
 from dpg_lightning.run.last_checkpoint import LastCheckpoint
+from tests.helpers import TINY_CONFIG, tiny_fit_args
 
-CONFIG = "configs/tiny/l2_norm.yaml"
-TINY = [
-    "--trainer.enable_progress_bar=false",
-    "--model.sampling.max_new_tokens=8",
-    "--model.sampling.samples_per_prompt=2",
-    "--data.num_prompts=2",
-    "--data.val_num_prompts=2",
-    "--model.inner.batch_size=2",
-    "--model.generator.hidden_size=32",
-    "--model.target.hidden_size=32",
-]
+CONFIG = TINY_CONFIG
+TINY = tiny_fit_args("--model.generator.hidden_size=32", "--model.target.hidden_size=32")
 
 
 def _fit(root: Path, *extra: str):

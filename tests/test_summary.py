@@ -15,18 +15,10 @@ from lightning.pytorch.loggers import WandbLogger
 
 from dpg_lightning.cli import main
 from dpg_lightning.run.summary import RunSummary
+from tests.helpers import TINY_CONFIG, tiny_fit_args
 
-CONFIG = "configs/tiny/l2_norm.yaml"
-FAST = [
-    "--trainer.max_steps=4",
-    "--trainer.val_check_interval=2",
-    "--trainer.enable_progress_bar=false",
-    "--model.sampling.max_new_tokens=8",
-    "--model.sampling.samples_per_prompt=2",
-    "--data.num_prompts=2",
-    "--data.val_num_prompts=2",
-    "--model.inner.batch_size=2",
-]
+CONFIG = TINY_CONFIG
+FAST = tiny_fit_args("--trainer.max_steps=4", "--trainer.val_check_interval=2")
 
 def _approx(points: list[tuple[int, float]]) -> list:
     """``(step, value)`` rows compared with exact steps and float-tolerant values."""

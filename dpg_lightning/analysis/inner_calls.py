@@ -6,12 +6,13 @@ analysis.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import Tensor, nn
 
 from dpg_lightning.data.tokenization import TokenRows
 from dpg_lightning.inner.attribution import metagradient_rewards
 from dpg_lightning.inner.config import InnerConfig
-from dpg_lightning.inner.first_order import first_order_rewards
 from dpg_lightning.inner.metric import MetricFn
 from dpg_lightning.inner.sft import run_sft
 from dpg_lightning.inner.shared_sft import RankOrder
@@ -49,6 +50,5 @@ def first_order(
     cfg: InnerConfig,
     order: list[Tensor],
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """The first-order rewards (``backend: first_order``): ``(rewards, Phi, losses)``."""
-    out = first_order_rewards(target, data, metric, cfg, RankOrder(order))
-    return out.rewards, out.phi, out.losses
+    """The first-order rewards: the same attribution with ``backend: first_order``."""
+    return exact_rewards(target, data, metric, replace(cfg, backend="first_order"), order)
