@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
-import warnings
 from typing import Literal
 
 import lightning as L
@@ -22,6 +21,7 @@ from torch import Tensor
 from dpg_lightning.common.errors import ConfigError, check_int_at_least, require
 from dpg_lightning.common.seeds import derive_seed
 from dpg_lightning.common.settings import check_literal_args
+from dpg_lightning.common.warn import warn
 from dpg_lightning.dpg.lr_schedule import generator_optimizers
 from dpg_lightning.dpg.minibatches import minibatch_count, minibatch_rows
 from dpg_lightning.dpg.policy import PolicyConfig, accumulate_policy_loss
@@ -137,7 +137,7 @@ class DPGModule(L.LightningModule):
         self.phases = PhaseReporter()  # where a step is, for the progress bar
         self.divergence = DivergenceGuard(max_nonfinite_steps, self._lower_hints(), self.inner)
         for message in setting_warnings(self.sampling, self.policy, self.gen_cfg):
-            warnings.warn(message, stacklevel=2)
+            warn(message)
 
         self.gen_tokenizer = load_tokenizer(self.gen_cfg)
         uses_chat_template(self.gen_tokenizer, self.sampling)  # a template it needs is there
@@ -277,10 +277,7 @@ class DPGModule(L.LightningModule):
         if not problems:
             return False
         self.log("train/skipped_nonfinite", 1.0, batch_size=batch_size)
-        warnings.warn(
-            f"step {self.global_step}: non-finite {'; '.join(problems)}: policy update skipped",
-            stacklevel=3,
-        )
+        warn(f"step {self.global_step}: non-finite {'; '.join(problems)}: policy update skipped")
         # An optimizer step with no gradients changes nothing but still counts the step, like
         # an update does (one per DPG step), so `trainer.max_steps` and checkpoints stay on
         # schedule.
