@@ -191,7 +191,8 @@ class LMHeadPatchImage(L.Callback):
     what the current synthetic data teaches the target. Pattern objectives (a QR code, a
     picture) ask DPG to draw an image into that patch; this shows it appear.
 
-    Every ``every_n_steps`` steps and at the end of training it writes, in
+    At the first DPG step (the untrained generator's data), every ``every_n_steps`` DPG steps
+    and at the end of training it writes, in
     ``<run dir>/<dirname>/``: ``step{N}.png``, the patch at one pixel per weight
     (black +1, gray 0, white -1: a pattern's ink moves up), and ``step{N}_vs_target.png``,
     the patch enlarged beside ``target_image`` (higher = darker; also a ``wandb.Image``).
@@ -209,7 +210,7 @@ class LMHeadPatchImage(L.Callback):
         target_image: the intended picture, ``height x width``: an array, a ``.npy`` path, or
             a pattern name of ``dpg_lightning.metrics.patterns`` (``67``, ``qr``, a ``.png`` path).
         qr_text: the text of ``target_image: qr``.
-        every_n_steps: render every N training steps.
+        every_n_steps: render every N DPG steps (and at the first and the last).
         dirname: output folder inside the run directory.
         decode_qr: try to read the patch as a QR code (either polarity).
     """
@@ -260,15 +261,17 @@ class LMHeadPatchImage(L.Callback):
             self.output_path = directory
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A resumed run drops the QR readings of the steps it redoes."""
-        if self.output_path is not None and trainer.global_step > 0:
-            drop_rows_from(self.output_path / "decodes.jsonl", trainer.global_step)
+        """A resumed run drops the QR readings of the steps it redoes (after the
+        ``trainer.global_step`` steps its checkpoint holds)."""
+        if self.output_path is not None:
+            drop_rows_from(self.output_path / "decodes.jsonl", trainer.global_step + 1)
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # The steps the generator had taken when it sampled this batch's examples.
-        self._step = trainer.global_step
+        # The DPG step of this batch (1 for the first): the step its `train/*` values are
+        # logged at and checkpoint names count.
+        self._step = trainer.global_step + 1
 
     def on_train_batch_end(
         self,
@@ -282,7 +285,7 @@ class LMHeadPatchImage(L.Callback):
         if self.output_path is None or output is None or not output.texts:
             return
         self._texts = list(output.texts)
-        if self._step % self.every_n_steps == 0:
+        if self._step == 1 or self._step % self.every_n_steps == 0:  # the start, then every N
             self.render(trainer, pl_module, self._texts, self._step)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -102,11 +102,12 @@ class SampleWriter(L.Callback):
             self.output_path = directory / self.filename
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """A resumed run continues the file: rows of steps it redoes are dropped, and the
-        W&B table starts from the rows already written."""
-        if self.output_path is None or trainer.global_step == 0:
+        """A resumed run continues the file: rows of steps it redoes (after the
+        ``trainer.global_step`` steps its checkpoint holds) are dropped, and the W&B table
+        starts from the rows already written."""
+        if self.output_path is None:
             return
-        drop_rows_from(self.output_path, trainer.global_step)
+        drop_rows_from(self.output_path, trainer.global_step + 1)
         if self.output_path.is_file():
             rows = [json.loads(line) for line in self.output_path.read_text().splitlines()]
             self._rows = rows[-self.max_table_rows :]
@@ -114,9 +115,9 @@ class SampleWriter(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # Rows carry the steps the generator had taken when it sampled them (the step under
-        # which the module logs this batch's `train/*` values).
-        self._step = trainer.global_step
+        # Rows carry the DPG step they belong to (1 for the first), the step under which the
+        # module logs this batch's `train/*` values and checkpoint names count it.
+        self._step = trainer.global_step + 1
 
     def on_train_batch_end(
         self,

@@ -272,12 +272,12 @@ class DPGModule(L.LightningModule):
         """Skip the update of a step with non-finite numbers (logged) rather than poison the
         generator; the divergence guard ends the run if this goes on."""
         step_losses = [torch.stack(losses)] if losses else []
-        problems = self.divergence.record_step(
-            self.global_step, StepNumbers(all_rewards, phis, step_losses))
+        step = self.global_step + 1  # this DPG step, as its metrics and checkpoint count it
+        problems = self.divergence.record_step(step, StepNumbers(all_rewards, phis, step_losses))
         if not problems:
             return False
         self.log("train/skipped_nonfinite", 1.0, batch_size=batch_size)
-        warn(f"step {self.global_step}: non-finite {'; '.join(problems)}: policy update skipped")
+        warn(f"step {step}: non-finite {'; '.join(problems)}: policy update skipped")
         # An optimizer step with no gradients changes nothing but still counts the step, like
         # an update does (one per DPG step), so `trainer.max_steps` and checkpoints stay on
         # schedule.

@@ -10,6 +10,7 @@ import csv
 import json
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -148,7 +149,7 @@ def test_sample_writer_jsonl(run):
     assert path == run["log_dir"] / "samples.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(rows) == 2 * MAX_STEPS
-    assert [r["step"] for r in rows] == [0, 0, 1, 1, 2, 2]
+    assert [r["step"] for r in rows] == [1, 1, 2, 2, 3, 3]  # DPG steps, as metrics.csv counts
     for top, bottom in zip(rows[::2], rows[1::2], strict=True):
         assert (top["rank"], bottom["rank"]) == ("top1", "bottom1")
         assert top["reward"] >= bottom["reward"]
@@ -178,18 +179,20 @@ def test_lm_head_patch_png_has_patch_shape(run):
     cb = run["patch"]
     height, width = PATCH[2:]
     pngs = sorted(cb.output_path.glob("step*.png"))
-    # Steps 0 and 2 (every_n_steps=2); step 2 was also the last, so no extra end render.
-    assert [p.name for p in pngs] == ["step000000.png", "step000000_vs_target.png",
-                                      "step000002.png", "step000002_vs_target.png"]
+    # DPG steps 1 (the first), 2 (every_n_steps=2) and 3 (the last).
+    assert [p.name for p in pngs] == [f"step{k:06d}{end}.png" for k in (1, 2, 3)
+                                      for end in ("", "_vs_target")]
     with Image.open(pngs[0]) as img:
         assert img.size == (width, height)
         assert set(np.unique(np.asarray(img))) <= {0, 127, 255}
     assert cb.last_sign.shape == (height, width)
     assert (cb.last_sign != 0).any(), "one SFT epoch at lr 1 must move the LM head"
     decodes = [json.loads(x) for x in (cb.output_path / "decodes.jsonl").read_text().splitlines()]
-    assert [d["step"] for d in decodes] == [0, 2] and not any(d["decodes"] for d in decodes)
+    assert [d["step"] for d in decodes] == [1, 2, 3] and not any(d["decodes"] for d in decodes)
     rows = [r for r in _csv_rows(run) if r.get("patch/match")]
-    assert len(rows) == 2 and 0 <= float(rows[0]["patch/match"]) <= 1
+    assert [int(r["step"]) for r in rows] == [1, 2, 3] and 0 <= float(rows[0]["patch/match"]) <= 1
+    train = {int(r["step"]) for r in _csv_rows(run) if r.get("train/reward_mean")}
+    assert {int(r["step"]) for r in rows} <= train  # the patch sits beside its step's metrics
 
 
 def test_read_drawn_qr_reads_either_polarity():
@@ -337,3 +340,17 @@ def test_wandb_config_builds_loggers_and_callbacks(monkeypatch):
     names = {type(cb).__name__ for cb in cli.trainer.callbacks}
     assert {"RolloutMetrics", "SampleWriter", "PhiCurvePlot", "LMHeadPatchImage",
             "StructuredHparams"} <= names
+
+
+def test_a_resume_keeps_the_rows_of_the_steps_its_checkpoint_holds(tmp_path):
+    """Resumed from a checkpoint after DPG step 3, steps 1-3 stay and 4-5 (redone) go."""
+    writer, patch = SampleWriter(), LMHeadPatchImage(*PATCH)
+    writer.output_path, patch.output_path = tmp_path / "samples.jsonl", tmp_path
+    for path in (writer.output_path, tmp_path / "decodes.jsonl"):
+        path.write_text("".join(json.dumps({"step": k}) + "\n" for k in range(1, 6)))
+    resumed = SimpleNamespace(global_step=3)
+    writer.on_train_start(resumed, None)
+    patch.on_train_start(resumed, None)
+    for path in (writer.output_path, tmp_path / "decodes.jsonl"):
+        assert [json.loads(x)["step"] for x in path.read_text().splitlines()] == [1, 2, 3]
+    assert [r["step"] for r in writer._rows] == [1, 2, 3]

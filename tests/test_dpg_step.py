@@ -160,7 +160,7 @@ def test_a_skipped_step_does_not_shift_the_run(tmp_path, monkeypatch):
     skipped one shifted every later step by one)."""
     clean = _counted_run(tmp_path / "clean", monkeypatch, nan_at=None)
     with_nan = _counted_run(tmp_path / "nan", monkeypatch, nan_at=1)
-    assert clean["skipped"] == [] and with_nan["skipped"] == ["step 1"]
+    assert clean["skipped"] == [] and with_nan["skipped"] == ["step 2"]  # the 2nd DPG step
     for run in (clean, with_nan):
         assert run["dpg_steps"] == 4 and run["global_steps"] == [1, 2, 3, 4]
         assert run["final"] == 4 and run["last_ckpt_step"] == 4 and run["saves"] == [4]

@@ -107,7 +107,7 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_losing_nothing(tmp_pat
     finally:
         _stop(proc)
     assert proc.returncode == 128 + signum, err[-3000:]
-    done = max(_samples_steps(tmp_path)) + 1
+    done = max(_samples_steps(tmp_path))  # DPG steps finished (1 for the first)
     last = tmp_path / "csv" / "version_0" / "checkpoints" / "last.ckpt"
     assert checkpoint_step(last) == done, "the finished step must be in the checkpoint"
     assert "--ckpt_path last" in err
@@ -116,7 +116,9 @@ def test_signal_finishes_the_step_checkpoints_and_resumes_losing_nothing(tmp_pat
                "--ckpt_path", "last"))
     assert [p.name for p in (tmp_path / "csv").iterdir()] == ["version_0"]
     assert sorted(_train_steps(tmp_path)) == list(range(1, done + 3))  # DPG steps 1..
-    assert sorted(set(_samples_steps(tmp_path))) == list(range(done + 2))
+    steps = _samples_steps(tmp_path)  # the same DPG steps, each written once
+    assert sorted(set(steps)) == list(range(1, done + 3))
+    assert len(steps) == len(set(steps)) * steps.count(1)
 
 
 @pytest.mark.slow
@@ -303,7 +305,8 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, capsys, monkeypatch)
     with pytest.raises(SystemExit) as exit_info:
         main(_args(tmp_path, "--trainer.max_steps=10", "--model.max_nonfinite_steps=3"))
     err = capsys.readouterr().err
-    assert exit_info.value.code == 1 and "3 consecutive steps" in err and "4 of 4 rewards" in err
+    assert exit_info.value.code == 1 and "3 consecutive steps up to step 3" in err
+    assert "4 of 4 rewards" in err
     assert sorted(_train_steps(tmp_path)) == []  # skipped steps log no rewards...
     with (next(tmp_path.rglob("metrics.csv"))).open() as f:
         skipped = [r["step"] for r in csv.DictReader(f) if r.get("train/skipped_nonfinite")]
