@@ -292,16 +292,17 @@ def cli_args(task: str, reward: str, seed: int, steps: int | None, extra: list[s
 
 
 def read_curve(metrics_csv: Path) -> list[list]:
-    """``[[updates, {readout: value}], ...]`` from a run's ``metrics.csv``: one point per
-    validation. The step-0 validation (logged before training, no epoch) is 0 updates; a
-    validation logged at step s follows s + 1 updates."""
+    """``[[DPG steps, {readout: value}], ...]`` from a run's ``metrics.csv``: one point per
+    validation, at the DPG steps done when it ran (0: the untrained generator). Runs since
+    b2b5cac log that count as ``step`` (and no ``epoch``); older ones logged a validation
+    inside training at one less, with an ``epoch``, and their step-0 row without one."""
     points: dict[int, dict[str, float]] = {}
     with open(metrics_csv, newline="") as f:
         for row in csv.DictReader(f):
             values = {k[4:]: float(v) for k, v in row.items()
                       if k and k.startswith("val/") and v not in ("", None)}
             if values:
-                updates = 0 if not row.get("epoch") else int(float(row["step"])) + 1
+                updates = int(float(row["step"])) + (1 if row.get("epoch") else 0)
                 points.setdefault(updates, {}).update(values)
     return [[s, points[s]] for s in sorted(points)]
 
