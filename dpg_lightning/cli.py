@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -165,22 +166,33 @@ LIGHTNING_NOISE = (
 )
 
 
+#: Lightning's log records (not warnings) that say nothing about a DPG run: its litlogger
+#: advert, and its notice that the module's callbacks replace its default progress bar and
+#: model table, which :meth:`DPGModule.configure_callbacks` does on purpose.
+LIGHTNING_NOISE_RECORDS = (
+    r"litlogger",
+    r"configure_callbacks` will override existing callbacks passed to Trainer: "
+    r"((RichProgressBar|TQDMProgressBar|RichModelSummary|ModelSummary)(, |$))+",
+)
+
+
 def quiet_lightning() -> None:
-    """Hide :data:`LIGHTNING_NOISE` and Lightning's litlogger advert, for this command only
+    """Hide :data:`LIGHTNING_NOISE` and :data:`LIGHTNING_NOISE_RECORDS`, for this command only
     (the filters are installed where the CLI starts, not for library users or tests)."""
     for pattern in LIGHTNING_NOISE:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
-        if not any(isinstance(f, _NoLitloggerTip) for f in logger.filters):
-            logger.addFilter(_NoLitloggerTip())
+        if not any(isinstance(f, _LightningNoise) for f in logger.filters):
+            logger.addFilter(_LightningNoise())
 
 
-class _NoLitloggerTip(logging.Filter):
-    """Drops Lightning's "install litlogger" tip (a log record, not a warning)."""
+class _LightningNoise(logging.Filter):
+    """Drops the log records that match :data:`LIGHTNING_NOISE_RECORDS`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in str(record.msg)
+        message = record.getMessage()
+        return not any(re.search(pattern, message) for pattern in LIGHTNING_NOISE_RECORDS)
 
 
 def _parameters(cls: Any) -> set[str]:

@@ -55,6 +55,7 @@ from dpg_lightning.models.build import ModelConfig, build_model, load_tokenizer
 from dpg_lightning.models.pretrain import maybe_pretrain
 from dpg_lightning.run.checkpoint_config import check_checkpoint_config
 from dpg_lightning.run.divergence import DivergenceGuard, StepNumbers
+from dpg_lightning.run.model_summary import parameter_summary
 from dpg_lightning.run.progress import PhaseReporter, phase_progress_bar
 from dpg_lightning.run.slurm import check_slurm_launch
 from dpg_lightning.run.stopping import GracefulShutdown, SlurmRequeue
@@ -187,13 +188,14 @@ class DPGModule(L.LightningModule):
         """Callbacks every DPG run needs: Slurm auto-requeue and SIGTERM/SIGINT handling, both
         checkpointing between steps (``SlurmRequeue``, ``GracefulShutdown``), the W&B run id
         kept in the run directory for resumes (``RememberWandbRun``), the end-of-run summary
-        (``RunSummary``) and, in place of Lightning's default tqdm bar, one that shows the
-        phase of the step."""
+        (``RunSummary``) and, in place of Lightning's default bar and model table, a bar that
+        shows the phase of the step and a table without Lightning's mode and FLOPs columns."""
         callbacks: list[L.Callback] = [
             SlurmRequeue(), GracefulShutdown(), RememberWandbRun(), RunSummary(),
         ]
-        bar = phase_progress_bar(self.trainer.progress_bar_callback)
-        return callbacks + ([bar] if bar is not None else [])
+        replaced = (phase_progress_bar(self.trainer.progress_bar_callback),
+                    parameter_summary(self.trainer.callbacks))
+        return callbacks + [callback for callback in replaced if callback is not None]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model (instead of a wall of shape mismatches)."""

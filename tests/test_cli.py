@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,17 +77,23 @@ def test_nonfinite_rewards_skip_the_update_and_training_goes_on(tmp_path, monkey
 
 @pytest.mark.slow
 def test_a_fit_opens_without_lightning_noise(tmp_path):
-    """Lightning's messages about things a DPG run does on purpose (models in eval mode) or
-    that are Lightning's own business (litlogger, its internal deprecations) stay out of
-    stderr; the filters are the CLI's, so the subprocess sees what a user sees."""
+    """Lightning's messages about things a DPG run does on purpose (models in eval mode, the
+    module's own progress bar and model table in place of Lightning's) or that are Lightning's
+    own business (litlogger, its internal deprecations) stay out of the output, and the model
+    table has no mode or FLOPs column (all modules are in eval mode on purpose; FLOPs read 0);
+    the filters are the CLI's, so the subprocess sees what a user sees."""
     cmd = [sys.executable, "-m", "dpg_lightning", "fit", "--config", CONFIG,
            *tiny_fit_args("--trainer.max_steps=1", "--trainer.val_check_interval=1",
                           root=tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONWARNINGS": ""})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for noise in ("in eval mode", "litlogger", "LeafSpec"):
-        assert noise not in proc.stderr, (noise, proc.stderr)
+    output = proc.stdout + proc.stderr
+    for noise in ("in eval mode", "litlogger", "LeafSpec", "will override existing callbacks",
+                  "FLOPs", "Flops", "train mode"):
+        assert noise not in output, (noise, output)
+    assert not re.search(r"\bMode\b", output), output
+    assert "generator" in output and "Total params" in output  # the table itself stays
 
 
 def test_wandb_writes_into_the_run_directory(tmp_path, monkeypatch):
