@@ -1,5 +1,6 @@
-"""DPG vs the dataset-level reward vs the untrained generator, on the five tiny tasks, over seeds;
-on the language task also the paper's three per-example heuristics (``reward: example``).
+"""DPG vs the dataset-level reward vs the untrained generator, on the tiny tasks and the
+``make demo`` config, over seeds; on the language task also the paper's three per-example
+heuristics (``reward: example``).
 
 Each (task, reward, seed) runs the real CLI in-process: ``python -m dpg_lightning fit --config
 configs/tiny/<task>.yaml --model.reward=<reward>`` with every seed set to the run's seed
@@ -28,7 +29,8 @@ from it (per task its latest runs, so a task run alone replaces only its rows) a
 exists for the same commit and config is skipped unless ``--force``; a failed run is a row (the
 table counts it), never the end of the comparison.
 
-    python -m studies.compare                          # all five tasks, seeds 0 1 2
+    python -m studies.compare                          # all tasks, seeds 0 1 2
+    python -m studies.compare --task demo --rewards dpg dataset --results benchmarks/results/demo
     python -m studies.compare --task qr --task uuid    # reproduce these rows
     python -m studies.compare --task qr --seeds 0 --steps 2 --dry-run
     python -m studies.compare --task qr --steps 2 -- --data.num_prompts=2   # extra CLI args
@@ -90,6 +92,8 @@ TASKS: dict[str, Task] = {
     "uuid": Task("configs/tiny/uuid.yaml", (("text_emitted_share", "higher"),
                                             ("text_prefix_share", "higher"),
                                             ("sequence_loss", "lower"))),
+    "demo": Task("configs/tiny/demo.yaml", (("last_word_loss", "lower"), ("es_share", "higher")),
+                 args=(f"--trainer.callbacks+={LANGUAGE_SHARE}",)),
     "language": Task("configs/tiny/language.yaml",
                      (("last_word_loss", "lower"), ("es_share", "higher")),
                      args=(f"--trainer.callbacks+={LANGUAGE_SHARE}",)),
