@@ -5,6 +5,11 @@ Tests import from here, never from ``conftest`` or from another test file.
 
 from __future__ import annotations
 
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -121,3 +126,31 @@ def tiny_fit_config(tmp: Path, name: str, max_steps: int, **model_overrides) -> 
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def piped_fit(root: Path, *args: str, timeout: float = 600) -> list[str]:
+    """The stdout lines of ``python -m dpg_lightning fit <args>`` with stdout to a pipe (as
+    under Slurm, so it prints progress lines, not a bar), its files under ``root``, one torch
+    thread; fails the test on a non-zero exit, and kills the fit by its pid if it overruns."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dpg_lightning", "fit", *args,
+         f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}"],
+        cwd=ROOT, env={**os.environ, "DPG_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, err[-3000:]
+    return out.splitlines()
+
+
+#: A progress line of a DPG step in a log (``dpg_lightning.run.progress.step_line``).
+STEP_LINE = re.compile(r"^\[dpg\] step (\d+)/(\d+) \| .*\| eta \d+:\d\d:\d\d$")
+
+
+def logged_steps(lines: list[str]) -> list[tuple[int, int]]:
+    """(k, N) of every ``[dpg] step k/N`` progress line in ``lines``."""
+    return [(int(m[1]), int(m[2])) for line in lines if (m := STEP_LINE.match(line))]

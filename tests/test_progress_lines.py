@@ -7,18 +7,14 @@ to a pipe (as under Slurm), so the bar-or-lines choice is the real one.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dpg_lightning.run.progress import step_line
+from tests.helpers import logged_steps, piped_fit
 
-ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
 TINY = [
     "--config", "configs/tiny/l2_norm.yaml",
@@ -32,28 +28,11 @@ TINY = [
     f"--trainer.max_steps={STEPS}",
     "--trainer.val_check_interval=2",
 ]
-STEP_LINE = re.compile(r"^\[dpg\] step (\d+)/(\d+) \| .*\| eta \d+:\d\d:\d\d$")
 
 
 def _fit(root: Path, *extra: str) -> list[str]:
     """The stdout lines of a tiny fit whose stdout is a pipe."""
-    args = [sys.executable, "-m", "dpg_lightning", "fit", *TINY,
-            f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
-            *extra]
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "DPG_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, err[-3000:]
-    return out.splitlines()
-
-
-def _steps(lines: list[str]) -> list[tuple[int, int]]:
-    return [(int(m[1]), int(m[2])) for line in lines if (m := STEP_LINE.match(line))]
+    return piped_fit(root, *TINY, *extra, timeout=300)
 
 
 @pytest.mark.slow
@@ -61,7 +40,7 @@ def test_a_log_gets_the_first_and_last_step_and_every_validation(tmp_path):
     """The default: fast steps are throttled (one line every few seconds), yet the first and
     the last step are there, with the step count, Phi and an ETA, and each validation."""
     lines = _fit(tmp_path)
-    steps = _steps(lines)
+    steps = logged_steps(lines)
     assert steps[0] == (1, STEPS) and steps[-1] == (STEPS, STEPS), "\n".join(lines)
     last = next(line for line in lines if line.startswith(f"[dpg] step {STEPS}/{STEPS}"))
     assert " phi " in last and "reward mean" in last and "val/phi" in last
@@ -74,7 +53,7 @@ def test_every_step_and_phase_when_asked(tmp_path):
     """``every_s: 0`` prints every step; ``phase_every_s: 0`` the phases within a step."""
     lines = _fit(tmp_path, "--trainer.callbacks+=dpg_lightning.run.progress.TQDMPhaseLines",
                  "--trainer.callbacks.every_s=0", "--trainer.callbacks.phase_every_s=0")
-    assert _steps(lines) == [(k, STEPS) for k in range(1, STEPS + 1)], "\n".join(lines)
+    assert logged_steps(lines) == [(k, STEPS) for k in range(1, STEPS + 1)], "\n".join(lines)
     assert any(re.match(r"\[dpg\] step 1/4 \| inner SFT .*so far$", line) for line in lines)
     assert any(line.startswith("[dpg] validation at step 2 | validation: ") for line in lines)
 

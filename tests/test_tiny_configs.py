@@ -9,20 +9,14 @@ Slurm, so the progress they print is the one a cluster log gets.
 from __future__ import annotations
 
 import csv
-import os
-import re
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, logged_steps, piped_fit
 
 TINY = sorted((ROOT / "configs/tiny").glob("*.yaml"))
-STEP_LINE = re.compile(r"^\[dpg\] step (\d+)/(\d+) \| .*\| eta \d+:\d\d:\d\d$")
 
 #: ``make demo``'s DPG gain in val/phi over seeds 0 1 2 (benchmarks/README.md, section 9,
 #: commit a7f787e: +0.3004, +0.3012, +0.3155; the start's seed spread is 0.0088 std). Floor:
@@ -36,23 +30,6 @@ def _config(path: Path) -> dict:
 
 def _lm_head_pattern(cfg: dict) -> bool:
     return cfg["model"]["metric"]["class_path"].endswith(".LMHeadPattern")
-
-
-def _fit(root: Path, config: str, *extra: str) -> list[str]:
-    """The stdout lines of a fit of ``config`` whose stdout is a pipe, its files under root."""
-    args = [sys.executable, "-m", "dpg_lightning", "fit", "--config", config,
-            f"--trainer.default_root_dir={root}", f"--trainer.logger.init_args.save_dir={root}",
-            *extra]
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "DPG_NUM_THREADS": "1"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        out, err = proc.communicate(timeout=600)
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, err[-3000:]
-    return out.splitlines()
 
 
 def _val_phi(root: Path) -> dict[int, float]:
@@ -78,8 +55,9 @@ def test_a_tiny_lm_head_config_draws_its_curve_and_patch(path):
 def test_sixty_seven_prints_progress_a_readout_and_draws_the_patch(tmp_path):
     """One step of the config as written: a step line, the summary with the pixel accuracy,
     the val/phi curve and the patch beside the "67" bitmap."""
-    lines = _fit(tmp_path, "configs/tiny/sixty_seven.yaml", "--trainer.max_steps=1")
-    assert [(int(m[1]), int(m[2])) for x in lines if (m := STEP_LINE.match(x))] == [(1, 1)]
+    lines = piped_fit(tmp_path, "--config", "configs/tiny/sixty_seven.yaml",
+                      "--trainer.max_steps=1")
+    assert logged_steps(lines) == [(1, 1)]
     summary = lines[lines.index("=== run summary ==="):]
     assert any(x.strip().startswith("val/pixel_accuracy:") for x in summary), summary
     run = next(tmp_path.rglob("metrics.csv")).parent
@@ -91,7 +69,7 @@ def test_sixty_seven_prints_progress_a_readout_and_draws_the_patch(tmp_path):
 def test_make_demo_gains_far_outside_the_seed_spread(tmp_path):
     """``make demo``'s config, unchanged: val/phi at its last validation beats step 0 by more
     than the floor, and the printed summary shows both."""
-    lines = _fit(tmp_path, "configs/tiny/demo.yaml")
+    lines = piped_fit(tmp_path, "--config", "configs/tiny/demo.yaml")
     curve = _val_phi(tmp_path)
     end = max(curve)
     assert (min(curve), end) == (0, 60)
