@@ -176,10 +176,18 @@ LIGHTNING_NOISE_RECORDS = (
 )
 
 
-def quiet_lightning() -> None:
-    """Hide :data:`LIGHTNING_NOISE` and :data:`LIGHTNING_NOISE_RECORDS`, for this command only
-    (the filters are installed where the CLI starts, not for library users or tests)."""
-    for pattern in LIGHTNING_NOISE:
+#: Lightning's warnings that say nothing under ``validate`` alone: it writes into a directory
+#: of its own and saves no checkpoint, so ModelCheckpoint's notice that its top-k is not
+#: reloaded there is moot (under ``fit`` it is not: a resume into another directory).
+LIGHTNING_NOISE_VALIDATE = (r"The dirpath has changed from .* won't be reloaded",)
+
+
+def quiet_lightning(command: str | None = None) -> None:
+    """Hide :data:`LIGHTNING_NOISE` and :data:`LIGHTNING_NOISE_RECORDS` (and, for
+    ``validate``, :data:`LIGHTNING_NOISE_VALIDATE`), for this command only (the filters are
+    installed where the CLI starts, not for library users or tests)."""
+    extra = LIGHTNING_NOISE_VALIDATE if command == "validate" else ()
+    for pattern in (*LIGHTNING_NOISE, *extra):
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
@@ -227,7 +235,8 @@ def exit_on_run_error(command: Callable[[], T]) -> T:
 
 def lightning_main(args: list[str] | None = None) -> DPGCLI:
     """``fit`` / ``validate`` through LightningCLI (``args=None`` reads ``sys.argv``)."""
-    quiet_lightning()
+    argv = sys.argv[1:] if args is None else args
+    quiet_lightning(argv[0] if argv else None)
     cli = exit_on_run_error(lambda: DPGCLI(
         DPGModule,
         PromptDataModule,

@@ -59,7 +59,7 @@ from dpg_lightning.run.model_summary import parameter_summary
 from dpg_lightning.run.progress import PhaseReporter, phase_progress_bar
 from dpg_lightning.run.slurm import check_slurm_launch
 from dpg_lightning.run.stopping import GracefulShutdown, SlurmRequeue
-from dpg_lightning.run.summary import RunSummary, record_validation
+from dpg_lightning.run.summary import RunSummary, logger_step, record_validation
 from dpg_lightning.run.wandb_run import RememberWandbRun
 
 
@@ -153,6 +153,7 @@ class DPGModule(L.LightningModule):
         self.target = build_model(self.target_cfg, len(self.target_tokenizer))
         maybe_pretrain(self.target, self.target_tokenizer, self.target_cfg)
         self.target.requires_grad_(False)
+        self.checkpoint_step: int | None = None  # the DPG step of a loaded checkpoint
         self.reference = None
         # (a module for ``reward: dataset``: its moving average is checkpointed)
         self.rewarder = make_rewarder(reward, self.policy, sft_groups == "inverse")
@@ -198,8 +199,10 @@ class DPGModule(L.LightningModule):
         return callbacks + [callback for callback in replaced if callback is not None]
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another model (instead of a wall of shape mismatches)."""
+        """Refuse a checkpoint of another model (instead of a wall of shape mismatches), and
+        keep its DPG step: ``validate`` logs at it (:func:`logger_step`)."""
         check_checkpoint_config(dict(self.hparams), checkpoint.get("hyper_parameters", {}))
+        self.checkpoint_step = int(checkpoint.get("global_step", 0))
         state = checkpoint.get("state_dict", {})
         if "dataset_baseline" in state:  # checkpoints before DatasetReward: (mean, var, count)
             for name, value in zip(("mean", "var", "count"), state.pop("dataset_baseline")):
@@ -434,8 +437,9 @@ class DPGModule(L.LightningModule):
                 "set `trainer.inference_mode: false`"
             )
         metrics = self.evaluate(batch)
-        self.divergence.check_validation_phi(metrics["val/phi"], self.global_step)
-        self.log_dict({**metrics, "step": float(self.global_step)}, batch_size=len(batch))
+        step = logger_step(self.trainer)
+        self.divergence.check_validation_phi(metrics["val/phi"], step)
+        self.log_dict({**metrics, "step": float(step)}, batch_size=len(batch))
 
     def on_train_batch_start(self, batch: list[str], batch_idx: int) -> None:
         """Re-seed the RNG from (seed, step, rank): exact resumes, distinct samples per rank.

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import warnings
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,19 @@ def test_validate_sample_and_export_leave_the_training_run_byte_identical(tmp_pa
         p.name for p in before}
     capsys.readouterr()
 
-    cli = main(["validate", "--config", TINY_CONFIG, *args, "--ckpt_path", str(last)])
-    err = capsys.readouterr().err
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = main(["validate", "--config", TINY_CONFIG, *args, "--ckpt_path", str(last),
+                    "--trainer.enable_progress_bar=true"])
+    printed = capsys.readouterr()
+    err = printed.err
+    # the step validate shows is the checkpoint's DPG step (Lightning restores no loop state
+    # under validate: its global_step reads 0), and ModelCheckpoint's notice that its top-k
+    # is not reloaded into validate's directory is not shown
+    assert f"[dpg] validation at step {STEPS} | val/phi" in printed.out
+    assert "validation at step 0" not in printed.out
+    assert cli.trainer.callback_metrics["step"] == STEPS
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
     first = run / "validate" / f"step{STEPS}"
     assert f"validating checkpoint {last} (step {STEPS}): metrics and config go to {first}" in err
     assert "resuming" not in err

@@ -32,6 +32,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 
+from dpg_lightning.run.summary import logger_step
+
 
 class PhaseReporter:
     """Where the module reports its phases; a progress bar subscribes with :meth:`listen`."""
@@ -208,7 +210,7 @@ class PhaseLines(_Phases):
             trainer = self.trainer
             where = f"step {trainer.global_step + 1}/{trainer.max_steps}"
             if trainer.validating or phase.startswith("validation"):
-                where = f"validation at step {trainer.global_step}"
+                where = f"validation at step {logger_step(trainer)}"
             self._print(f"[dpg] {where} | {phase} | {timedelta(seconds=round(now - start))} "
                         "so far")
 
@@ -243,8 +245,9 @@ class PhaseLines(_Phases):
         phi = _number(trainer.callback_metrics, "val/phi")
         if phi is None or trainer.sanity_checking:
             return
-        self._val = (phi, trainer.global_step)
-        self._print(f"[dpg] validation at step {trainer.global_step} | val/phi {phi:.4g}")
+        step = logger_step(trainer)
+        self._val = (phi, step)
+        self._print(f"[dpg] validation at step {step} | val/phi {phi:.4g}")
 
 
 class TQDMPhaseLines(PhaseLines, TQDMProgressBar):

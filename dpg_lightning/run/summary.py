@@ -48,7 +48,14 @@ def logger_step(trainer: L.Trainer) -> int:
     """The step the loggers give the metrics of the validation running now (the ``step``
     column of ``metrics.csv``): the DPG steps done, ``trainer.global_step``, which the module
     logs as ``step`` (Lightning's own logger step, its count of batches that stepped, is one
-    behind during a validation inside training)."""
+    behind during a validation inside training).
+
+    Under ``validate`` Lightning restores the weights but no loop state, so
+    ``trainer.global_step`` reads 0 for any checkpoint; there the step is the validated
+    checkpoint's, which the module keeps as ``checkpoint_step`` when it loads it (0 for the
+    initial generator)."""
+    if trainer.state.fn == TrainerFn.VALIDATING:
+        return int(getattr(trainer.lightning_module, "checkpoint_step", None) or 0)
     return int(trainer.global_step)
 
 
