@@ -96,7 +96,8 @@ class DPGCLI(LightningCLI):
         super()._parse_ckpt_path()
         if given is not None:
             merged = self.config[sub]["model"]
-            check_checkpoint_config(given.as_dict(), merged.as_dict())
+            check_checkpoint_config(given.as_dict(), merged.as_dict(),
+                                    verb="validating" if sub == "validate" else "resuming")
 
     def before_instantiate_classes(self) -> None:
         """Check the config dataclasses, then what the config names on this machine, before

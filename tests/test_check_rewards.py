@@ -124,3 +124,25 @@ def test_callback_logs_its_metrics(tmp_path):
     assert float(checked[0][keys[0]]) == pytest.approx(cb.last.stats.pearson, rel=1e-5)
     written = json.loads((next(root.rglob("reward_check")) / "step2.json").read_text())
     assert len(written["rewards"]) == 3
+
+
+def test_a_checkpoint_trained_with_other_settings_says_whose_values_are_used(tmp_path, capsys):
+    """check-rewards builds the module from the config and takes only the generator's weights
+    from a checkpoint, while validate rebuilds it from the checkpoint: each notice says which
+    (check-rewards used to claim the checkpoint's values while checking the config's)."""
+    root = tmp_path / "run"
+    cli_main(["fit", "--config", TINY_CONFIG, *tiny_fit_args(root=root),
+              "--model.inner.optim.name=adam", "--trainer.max_steps=1",
+              "--trainer.val_check_interval=1000"])
+    ckpt = str(next(root.rglob("last.ckpt")))
+    capsys.readouterr()
+    changed = r"(.|\n)*  model\.inner\.optim\.name: checkpoint 'adam', config 'sgd'\n(.|\n)*"
+    with pytest.warns(UserWarning, match=r"^loading with changed model settings:"
+                                         + changed + "the config's values are used"):
+        main(["--config", TINY_CONFIG, *SMALL, "--ckpt_path", ckpt, "--num_examples", "2",
+              "--output", str(tmp_path / "c.json"), "--device", "cpu"])
+    assert "backend higher, sgd lr 0.03," in capsys.readouterr().out
+    with pytest.warns(UserWarning, match=r"^validating with changed model settings:"
+                                         + changed + "the checkpoint's values are used"):
+        cli_main(["validate", "--config", TINY_CONFIG, *tiny_fit_args(root=root),
+                  "--ckpt_path", ckpt])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 from dpg_lightning.common.errors import ConfigError
 
@@ -30,8 +30,23 @@ def plain(value: Any) -> Any:
 IDENTITY_KEYS = ("generator", "target", "reward", "distributed")
 
 
+#: Whose values win where a checkpoint's settings and the config's differ: a resume (or
+#: ``validate``) through ``LightningCLI`` rebuilds the model from the checkpoint's
+#: hyper-parameters; ``sample``, ``export`` and ``check-rewards`` build it from the config and
+#: take only the generator's weights from the checkpoint.
+_RESTORED = ("the checkpoint's values are used (LightningCLI restores a model from its "
+             "checkpoint's hyper-parameters)")
+USED = {
+    "resuming": _RESTORED,
+    "validating": _RESTORED,
+    "loading": "the config's values are used, with the checkpoint's generator weights; give "
+               "the run's config.yaml (in its run directory) for the values it was trained with",
+}
+
+
 def check_checkpoint_config(
-    current: dict[str, Any], saved: dict[str, Any], verb: str = "resuming"
+    current: dict[str, Any], saved: dict[str, Any],
+    verb: Literal["resuming", "validating", "loading"] = "resuming",
 ) -> None:
     """Error on a checkpoint of a different model; warn about other changed hyper-parameters.
 
@@ -52,11 +67,9 @@ def check_checkpoint_config(
             "trained with (config.yaml in its run directory) or start a fresh run"
         )
     if differ:
-        warnings.warn(
-            f"{verb} with changed model settings {differ}: the checkpoint's values are used "
-            "(LightningCLI restores a model from its checkpoint's hyper-parameters)",
-            stacklevel=2,
-        )
+        lines = "\n".join(_diff_lines(f"model.{k}", saved[k], current[k]) for k in differ)
+        warnings.warn(f"{verb} with changed model settings:\n{lines}\n{USED[verb]}",
+                      stacklevel=2)
 
 
 def _diff_lines(key: str, saved: Any, current: Any) -> str:
