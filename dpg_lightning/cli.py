@@ -90,7 +90,11 @@ class DPGCLI(LightningCLI):
         hyper-parameters; for another model that would quietly resume *that* model)."""
         sub = self.config.get("subcommand")
         if sub:
-            report(resolve_run(self.config[sub], sub))
+            run = resolve_run(self.config[sub], sub)
+            report(run)
+            if sub == "fit" and run.step is not None:
+                for pattern in LIGHTNING_NOISE_RESUME:
+                    warnings.filterwarnings("ignore", message=pattern)
         given = self.config[sub].get("model") if sub else None
         given = given.clone() if hasattr(given, "clone") else None
         super()._parse_ckpt_path()
@@ -181,6 +185,11 @@ LIGHTNING_NOISE_RECORDS = (
 #: of its own and saves no checkpoint, so ModelCheckpoint's notice that its top-k is not
 #: reloaded there is moot (under ``fit`` it is not: a resume into another directory).
 LIGHTNING_NOISE_VALIDATE = (r"The dirpath has changed from .* won't be reloaded",)
+
+
+#: Lightning's warnings that say nothing when ``fit`` resumes a run: its checkpoints go on in
+#: the run's own checkpoint directory, which is not empty on purpose.
+LIGHTNING_NOISE_RESUME = (r"Checkpoint directory .* exists and is not empty",)
 
 
 def quiet_lightning(command: str | None = None) -> None:

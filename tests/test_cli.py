@@ -94,6 +94,13 @@ def test_a_fit_opens_without_lightning_noise(tmp_path):
         assert noise not in output, (noise, output)
     assert not re.search(r"\bMode\b", output), output
     assert "generator" in output and "Total params" in output  # the table itself stays
+    # a resume writes on into its own checkpoint directory, which is not empty on purpose
+    resume = subprocess.run([*cmd, "--trainer.max_steps=2", "--ckpt_path=last"],
+                            capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONWARNINGS": ""})
+    assert resume.returncode == 0, resume.stderr[-3000:]
+    assert "resuming" in resume.stderr
+    assert "exists and is not empty" not in resume.stdout + resume.stderr, resume.stderr
 
 
 def test_wandb_writes_into_the_run_directory(tmp_path, monkeypatch):
