@@ -66,3 +66,7 @@ def test_step_line_reads_the_logged_metrics():
         "[dpg] step 3/20 | rollout 0.40s sft 1.1s attr 0.30s update 0.20s | reward mean 1.2e-05"
         " std 3e-06 | phi -25.81 | val/phi -25.82 (step 0) | eta 0:00:34")
     assert step_line(1, -1, {}, None, None) == "[dpg] step 1/?"
+    # other time/ metrics: seconds, or a rate (RolloutMetrics' examples per second)
+    assert step_line(2, 4, {"time/rollout": 0.4, "time/examples_per_second": 115.34,
+                            "time/reload": 2.5}, None, None) == (
+        "[dpg] step 2/4 | rollout 0.40s examples/s 115 reload 2.5s")

@@ -149,6 +149,14 @@ def _seconds(t: float) -> str:
     return f"{t:.1f}s" if t >= 1 else f"{t:.2f}s"
 
 
+def _time_entry(name: str, value: float) -> str:
+    """Another ``time/...`` metric: seconds, or a rate where its name says one
+    (``examples_per_second`` from ``callbacks.RolloutMetrics``: ``examples/s 115``)."""
+    if name.endswith("_per_second"):
+        return f"{name.removesuffix('_per_second')}/s {value:.3g}"
+    return f"{name} {_seconds(value)}"
+
+
 def step_line(step: int, max_steps: int, metrics: dict[str, Any], val: tuple[float, int] | None,
               eta_s: float | None) -> str:
     """One step's log line from ``trainer.callback_metrics`` (what the module logged)."""
@@ -156,7 +164,7 @@ def step_line(step: int, max_steps: int, metrics: dict[str, Any], val: tuple[flo
     parts = [f"[dpg] step {step}/{total}"]
     times = [f"{short} {_seconds(t)}" for key, short in PHASE_TIMES.items()
              if (t := _number(metrics, f"time/{key}")) is not None]
-    times += [f"{key[5:]} {_seconds(float(v))}" for key, v in metrics.items()
+    times += [_time_entry(key[5:], float(v)) for key, v in metrics.items()
               if key.startswith("time/") and key[5:] not in PHASE_TIMES]
     if times:
         parts.append(" ".join(times))
