@@ -133,17 +133,30 @@ class DPGCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Write checkpoints atomically unless the config brings its own checkpoint IO, and
-        keep W&B's files in the run directory (:func:`wandb_into_run_dir`)."""
+        keep W&B's files in the run directory (:func:`wandb_into_run_dir`) and its start-up
+        free of a deprecation Lightning triggers (:func:`drop_unset_wandb_anonymous`)."""
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
         wandb_into_run_dir(trainer)
+        drop_unset_wandb_anonymous(trainer)
         return trainer
 
 
 T = TypeVar("T")
+
+
+def drop_unset_wandb_anonymous(trainer: Trainer) -> None:
+    """Lightning's ``WandbLogger`` passes ``anonymous=None`` to ``wandb.init`` when the config
+    leaves it unset, and W&B, which deprecated the setting, warns at every run start that it
+    "has no effect" whenever the argument is passed at all: unset now means not passed."""
+    for logger in trainer.loggers:
+        if (isinstance(logger, WandbLogger) and logger._experiment is None
+                and "anonymous" in logger._wandb_init
+                and logger._wandb_init["anonymous"] is None):
+            del logger._wandb_init["anonymous"]
 
 
 def wandb_into_run_dir(trainer: Trainer) -> None:

@@ -82,22 +82,25 @@ def test_a_fit_opens_without_lightning_noise(tmp_path):
     own business (litlogger, its internal deprecations) stay out of the output, and the model
     table has no mode or FLOPs column (all modules are in eval mode on purpose; FLOPs read 0);
     the filters are the CLI's, so the subprocess sees what a user sees."""
+    pytest.importorskip("wandb")
     cmd = [sys.executable, "-m", "dpg_lightning", "fit", "--config", CONFIG,
            *tiny_fit_args("--trainer.max_steps=1", "--trainer.val_check_interval=1",
-                          root=tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONWARNINGS": ""})
+                          root=tmp_path),
+           "--trainer.logger+=lightning.pytorch.loggers.WandbLogger",
+           "--trainer.logger.offline=true"]
+    env = {**os.environ, "PYTHONWARNINGS": "", "WANDB_MODE": "offline"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
+    assert "wandb" in output  # W&B started (its own deprecation notices count as noise)
     for noise in ("in eval mode", "litlogger", "LeafSpec", "will override existing callbacks",
-                  "FLOPs", "Flops", "train mode"):
+                  "FLOPs", "Flops", "train mode", "anonymous setting"):
         assert noise not in output, (noise, output)
     assert not re.search(r"\bMode\b", output), output
     assert "generator" in output and "Total params" in output  # the table itself stays
     # a resume writes on into its own checkpoint directory, which is not empty on purpose
     resume = subprocess.run([*cmd, "--trainer.max_steps=2", "--ckpt_path=last"],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONWARNINGS": ""})
+                            capture_output=True, text=True, timeout=600, env=env)
     assert resume.returncode == 0, resume.stderr[-3000:]
     assert "resuming" in resume.stderr
     assert "exists and is not empty" not in resume.stdout + resume.stderr, resume.stderr
