@@ -140,3 +140,15 @@ def test_wandb_run_summary_gets_the_numbers(capsys):
     assert (got["summary/pixel_accuracy_first"], got["summary/pixel_accuracy_end"]) == (0.5, 0.875)
     assert "summary/loss_end" not in got and "summary/wall_time_s" in got
     assert "best (step 9): -1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("values", "says"), [((-2.0, -1.0), False), ((-1.0, -2.0), True)])
+def test_a_best_at_step_0_says_no_step_beat_the_untrained_generator(values, says):
+    """Step 0 has no checkpoint, so the best checkpoint a run lists is another step's: the
+    summary says when the best validation is the untrained generator's."""
+    summary = RunSummary()
+    for step, value in zip((0, 2), values, strict=True):
+        summary.record(step, {"val/phi": value})
+    trainer = SimpleNamespace(checkpoint_callback=None, callbacks=[], loggers=[])
+    best = next(x for x in summary.lines(trainer, None) if x.strip().startswith("best"))
+    assert ("no step beat it" in best) is says, best

@@ -178,7 +178,8 @@ class RunSummary(L.Callback):
                 f"{self.monitor} ({better} is better):",
                 f"  step {first_step}: {_fmt(first)}",
                 f"  end (step {last_step}): {_fmt(last)}  change {gain:+.6g}{share}",
-                f"  best (step {best_step}): {_fmt(best)}",
+                f"  best (step {best_step}): {_fmt(best)}"
+                + ("  (the untrained generator: no step beat it)" if best_step == 0 else ""),
             ]
         else:
             out.append(f"{self.monitor}: no validation ran")
