@@ -92,9 +92,7 @@ class DPGCLI(LightningCLI):
         if sub:
             run = resolve_run(self.config[sub], sub)
             report(run)
-            if sub == "fit" and run.step is not None:
-                for pattern in LIGHTNING_NOISE_RESUME:
-                    warnings.filterwarnings("ignore", message=pattern)
+            quiet_run_notices(sub, resuming=run.step is not None)
         given = self.config[sub].get("model") if sub else None
         given = given.clone() if hasattr(given, "clone") else None
         super()._parse_ckpt_path()
@@ -205,12 +203,20 @@ LIGHTNING_NOISE_VALIDATE = (r"The dirpath has changed from .* won't be reloaded"
 LIGHTNING_NOISE_RESUME = (r"Checkpoint directory .* exists and is not empty",)
 
 
-def quiet_lightning(command: str | None = None) -> None:
-    """Hide :data:`LIGHTNING_NOISE` and :data:`LIGHTNING_NOISE_RECORDS` (and, for
-    ``validate``, :data:`LIGHTNING_NOISE_VALIDATE`), for this command only (the filters are
-    installed where the CLI starts, not for library users or tests)."""
-    extra = LIGHTNING_NOISE_VALIDATE if command == "validate" else ()
-    for pattern in (*LIGHTNING_NOISE, *extra):
+def quiet_run_notices(command: str, resuming: bool) -> None:
+    """Hide the Lightning warnings that say nothing for this run: :data:`LIGHTNING_NOISE_VALIDATE`
+    under ``validate``, :data:`LIGHTNING_NOISE_RESUME` when ``fit`` resumes (called once the
+    run is resolved, where both are known)."""
+    patterns = (LIGHTNING_NOISE_VALIDATE if command == "validate"
+                else LIGHTNING_NOISE_RESUME if command == "fit" and resuming else ())
+    for pattern in patterns:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def quiet_lightning() -> None:
+    """Hide :data:`LIGHTNING_NOISE` and :data:`LIGHTNING_NOISE_RECORDS`, for this command only
+    (the filters are installed where the CLI starts, not for library users or tests)."""
+    for pattern in LIGHTNING_NOISE:
         warnings.filterwarnings("ignore", message=pattern)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logger = logging.getLogger(name)
@@ -258,8 +264,7 @@ def exit_on_run_error(command: Callable[[], T]) -> T:
 
 def lightning_main(args: list[str] | None = None) -> DPGCLI:
     """``fit`` / ``validate`` through LightningCLI (``args=None`` reads ``sys.argv``)."""
-    argv = sys.argv[1:] if args is None else args
-    quiet_lightning(argv[0] if argv else None)
+    quiet_lightning()
     cli = exit_on_run_error(lambda: DPGCLI(
         DPGModule,
         PromptDataModule,

@@ -5,6 +5,7 @@ Tests import from here, never from ``conftest`` or from another test file.
 
 from __future__ import annotations
 
+import csv
 import os
 import re
 import signal
@@ -154,3 +155,11 @@ STEP_LINE = re.compile(r"^\[dpg\] step (\d+)/(\d+) \| .*\| eta \d+:\d\d:\d\d$")
 def logged_steps(lines: list[str]) -> list[tuple[int, int]]:
     """(k, N) of every ``[dpg] step k/N`` progress line in ``lines``."""
     return [(int(m[1]), int(m[2])) for line in lines if (m := STEP_LINE.match(line))]
+
+
+def val_phi_by_step(root: Path) -> dict[int, float]:
+    """``{step: val/phi}`` of the run's ``metrics.csv`` under ``root``, in step order."""
+    with next(root.rglob("metrics.csv")).open(newline="") as f:
+        rows = [(int(r["step"]), float(r["val/phi"])) for r in csv.DictReader(f)
+                if r.get("val/phi")]
+    return dict(sorted(rows))

@@ -7,21 +7,15 @@ same run. Measured (2 CPU cores, 100 steps): see MARGIN below and the closing no
 
 from __future__ import annotations
 
-import csv
-
 import pytest
 
 from dpg_lightning.cli import main
+from tests.helpers import val_phi_by_step
 
 # Measured (seeds 1, 2, 3; 100 steps): val/phi +0.016, +0.036, +0.021, where the SFT on the
 # untrained generator's data moves Phi by ~+0.11 from the initial target (so DPG makes the same
 # SFT 15-30% more effective). Floor: half the smallest measured gain.
 MARGIN = 0.008
-
-
-def _val_curve(root) -> list[tuple[int, float]]:
-    rows = list(csv.DictReader(next(root.rglob("metrics.csv")).open()))
-    return [(int(r["step"]), float(r["val/phi"])) for r in rows if r.get("val/phi")]
 
 
 @pytest.mark.slow
@@ -40,7 +34,7 @@ def test_validation_phi_improves(tmp_path, seed):
             "--trainer.enable_progress_bar=false",
         ]
     )
-    curve = _val_curve(tmp_path)
+    curve = list(val_phi_by_step(tmp_path).items())
     (step0, phi0), (last_step, phi_last) = curve[0], curve[-1]
     assert step0 == 0 and last_step >= 90
     print(f"seed {seed}: val/phi {phi0:.4f} -> {phi_last:.4f} (+{phi_last - phi0:.4f})")

@@ -8,13 +8,12 @@ Slurm, so the progress they print is the one a cluster log gets.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.helpers import ROOT, logged_steps, piped_fit
+from tests.helpers import ROOT, logged_steps, piped_fit, val_phi_by_step
 
 TINY = sorted((ROOT / "configs/tiny").glob("*.yaml"))
 
@@ -30,11 +29,6 @@ def _config(path: Path) -> dict:
 
 def _lm_head_pattern(cfg: dict) -> bool:
     return cfg["model"]["metric"]["class_path"].endswith(".LMHeadPattern")
-
-
-def _val_phi(root: Path) -> dict[int, float]:
-    rows = csv.DictReader(next(root.rglob("metrics.csv")).open())
-    return {int(r["step"]): float(r["val/phi"]) for r in rows if r.get("val/phi")}
 
 
 @pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
@@ -70,7 +64,7 @@ def test_make_demo_gains_far_outside_the_seed_spread(tmp_path):
     """``make demo``'s config, unchanged: val/phi at its last validation beats step 0 by more
     than the floor, and the printed summary shows both."""
     lines = piped_fit(tmp_path, "--config", "configs/tiny/demo.yaml")
-    curve = _val_phi(tmp_path)
+    curve = val_phi_by_step(tmp_path)
     end = max(curve)
     assert (min(curve), end) == (0, 60)
     assert curve[end] - curve[0] > DEMO_GAIN_FLOOR, curve
